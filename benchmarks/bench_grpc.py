@@ -17,13 +17,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 import csmf_tf  # noqa: E402,F401  (tf-keras before TensorFlow)
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -84,43 +84,43 @@ def make_request(model_name: str, users: dict, rng: np.random.Generator, k: int)
 
 def run_load(target: str, model_name: str, users: dict, concurrency: int, duration: float, warmup: float,
              k: int, timeout: float) -> dict:
-    """``concurrency`` closed-loop clients for ``warmup + duration`` seconds; stats over ``duration``."""
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
-    start = time.monotonic()
-    measure_from, stop_at = start + warmup, start + warmup + duration
+    """``concurrency`` closed-loop clients for ``warmup + duration`` seconds; stats over ``duration``.
 
-    def client(slot: int) -> None:
-        rng = np.random.default_rng(slot)
-        channel = grpc.insecure_channel(target)
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        requests = [make_request(model_name, users, rng, k) for _ in range(64)]
-        i = 0
-        while True:
-            now = time.monotonic()
-            if now >= stop_at:
-                break
-            t0 = time.perf_counter()
-            try:
-                stub.Predict(requests[i % len(requests)], timeout=timeout)
-                ok = True
-            except grpc.RpcError as e:
-                ok = False
-                if now >= measure_from:
-                    with lock:
-                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
-            if ok and now >= measure_from:
-                latencies[slot].append(time.perf_counter() - t0)
-            i += 1
-        channel.close()
+    The clients are coroutines on one ``grpc.aio`` channel per client (the stock stub works on aio
+    channels): 32 Python threads would spend the load generator's share of the 2 cores fighting over
+    the GIL, and their 5 ms switch interval would show up in the measured tail latency.
+    """
+    import asyncio
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    ms = np.concatenate([np.asarray(x) for x in latencies]) * 1e3 if any(latencies) else np.zeros(0)
+    async def drive() -> tuple[list[float], dict[str, int]]:
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        measure_from, stop_at = start + warmup, start + warmup + duration
+
+        async def client(slot: int) -> None:
+            rng = np.random.default_rng(slot)
+            requests = [make_request(model_name, users, rng, k) for _ in range(64)]
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                i = 0
+                while (now := loop.time()) < stop_at:
+                    t0 = time.perf_counter()
+                    try:
+                        await stub.Predict(requests[i % len(requests)], timeout=timeout)
+                        if now >= measure_from:
+                            latencies.append(time.perf_counter() - t0)
+                    except grpc.aio.AioRpcError as e:
+                        if now >= measure_from:
+                            errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    i += 1
+
+        await asyncio.gather(*(client(s) for s in range(concurrency)))
+        return latencies, errors
+
+    latencies, errors = asyncio.run(drive())
+    ms = np.asarray(latencies) * 1e3
     n_err = sum(errors.values())
     return {"concurrency": concurrency, "duration_s": duration, "requests": int(len(ms)), "errors": n_err,
             "errors_by_code": errors, "qps": len(ms) / duration,
@@ -128,6 +128,32 @@ def run_load(target: str, model_name: str, users: dict, concurrency: int, durati
             "p90_ms": float(np.percentile(ms, 90)) if len(ms) else None,
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
             "mean_ms": float(ms.mean()) if len(ms) else None}
+
+
+def graph_ceiling(version_dir: Path, users: dict, batch: int, k: int, seconds: float = 5.0) -> dict:
+    """In-process cost of the served ``serving_default`` graph at ``batch`` queries per call.
+
+    This is what every request costs before any transport: the fused query, the index search, the
+    exact re-scoring and the per-objective scores. ``1000 / ms_per_query`` is the QPS this machine
+    could serve if gRPC, decoding and the load generator cost nothing.
+    """
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    rng = np.random.default_rng(0)
+
+    def call() -> None:
+        i = rng.integers(len(users["user_id"]), size=batch)
+        fn(user_id=tf.constant(users["user_id"][i].astype(object)), age=tf.constant(users["age"][i], tf.float32),
+           city=tf.constant(users["city"][i].astype(object)),
+           objective_weights=tf.constant(rng.uniform(0.1, 2.0, (batch, 3)), tf.float32), k=tf.constant(k))
+
+    for _ in range(3):
+        call()
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        call()
+        calls += 1
+    ms = (time.perf_counter() - t0) / calls * 1e3
+    return {"batch": batch, "ms_per_call": ms, "ms_per_query": ms / batch, "qps_ceiling": 1e3 * batch / ms}
 
 
 def _ms(value: float | None) -> str:
@@ -165,6 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             base = workdir / "models"
             exported, users = export_demo(base, args)
+        ceilings = []
+        if exported:
+            for batch in sorted({1, 32, args.max_batch_size}):
+                ceilings.append(graph_ceiling(exported, users, batch, args.k))
+                print(f"served graph in-process, batch {batch:>3}: {ceilings[-1]['ms_per_query']:.3f} ms/query "
+                      f"(ceiling {ceilings[-1]['qps_ceiling']:,.0f} QPS)", flush=True)
         runs = []
         codes = []
         for mode in args.batching:
@@ -180,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 proc.terminate()                      # SIGTERM: the server drains and exits 0
                 codes.append(proc.wait(timeout=120))
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "load_average_at_end": os.getloadavg()[0]},
+               "graph_ceiling": ceilings,
                "model": str(exported or base), "num_items": args.num_items if exported else None,
                "k": args.k, "max_batch_size": args.max_batch_size,
                "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs}
@@ -190,10 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['batching']} | {r['concurrency']} | {r['qps']:.1f} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} "
               f"| {_ms(r['p99_ms'])} | {r['errors']} |")
     print(f"server exit codes after SIGTERM: {codes}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out)
     return results
 
 

@@ -16,7 +16,6 @@ their ratio and with recall@k against each layout's own exact fused ranking.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 import csmf_tf  # noqa: E402,F401  (tf-keras before TensorFlow)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {r['searches_per_query']} | {r['single_p50_ms']:.3f} | {r['batched_ms_per_query']:.3f} | "
               f"{r['recall@k']:.4f} | {r['index_build_s']:.1f} | {r['index_bytes_float'] / 2**20:.0f} |")
     print(f"\nmulti-vector / CSMF cost: {ratio_single:.2f}x single-query, {ratio_batched:.2f}x batched")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out)
     return results
 
 

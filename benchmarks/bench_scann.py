@@ -14,7 +14,6 @@ with it and timed against the exact (brute-force) served graph.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -25,6 +24,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 import csmf_tf  # noqa: E402,F401  (tf-keras before TensorFlow)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -197,10 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{s['single']['p50_ms']:.3f} | {r['served_single_speedup']:.1f}x | {b['batched_ms_per_query']:.3f} | "
               f"{s['batched_ms_per_query']:.3f} | {s['recall@100']:.4f} | {c['leaves_to_search']}/{r['num_leaves']} "
               f"| {c['reorder']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_results(results, args.out)
     return results
 
 

@@ -54,6 +54,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak_server import ServerProcess, export_demo, proc_status  # noqa: E402  (importing it puts the repo on sys.path)
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 import csmf_tf  # noqa: E402,F401  (tf-keras before TensorFlow)
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -1000,10 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = run_fuzz(args, log=lambda s: print(s, flush=True))
     print(report(results), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out}")
+    write_results(results, args.out)
     return 0 if results["passed"] else 1
 
 

@@ -48,6 +48,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 import csmf_tf  # noqa: E402,F401  (tf-keras before TensorFlow)
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -617,10 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup_s = min(args.warmup_s, args.duration / 4)
     results = run_soak(args, log=lambda s: print(s, flush=True))
     print(report(results), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out}")
+    write_results(results, args.out)
     return 0 if results["passed"] else 1
 
 

@@ -65,7 +65,7 @@ MODES = {
         budget=Budget(grid=_grid((1e-3, 3e-3), (0.05, 0.1)), seeds=(0, 1, 2),
                       tau_values=(0.1, 0.2, 0.3, 0.45, 0.6), eta_values=(0.0, 0.25, 0.5, 1.0, 2.0),
                       fusion_values=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)),
-        dataset_grids={"synthetic": _grid((3e-3,), (0.05, 0.1)), "beibei": _grid((3e-3,), (0.1, 0.5))}),
+        dataset_grids={"synthetic": _grid((3e-3,), (0.05, 0.1)), "beibei": _grid((1e-3, 3e-3), (0.05, 0.5))}),
 }
 
 
@@ -145,6 +145,7 @@ def main(argv=None) -> dict:
     if not args.out:
         raise SystemExit("--out is required")
     started = time.time()
+    load_at_start = os.getloadavg()[0]
     progress = Progress(lambda line: print(line, flush=True))
     mode = MODES[args.mode]
     import tensorflow as tf
@@ -179,6 +180,7 @@ def main(argv=None) -> dict:
         # CPU time does not depend on what else the machine runs; wall time does (shared cores).
         "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "base_config": config.to_json(), "budget": budget.to_json(), "num_experts": mode.num_experts,
         "data": {"rows": len(data.table), "users": len(data.users), "items": len(data.items),
                  "positives": {o: int(data.table.positives(o).sum()) for o in config.objectives},

@@ -57,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     from csmf_tf.serving.core import Limits
     from csmf_tf.serving.server import ModelServer, ServerOptions
 
+    from csmf_tf.serving.layout import parse_version
+
     labels = {}
     for item in args.version_label:
         name, _, version = item.partition("=")
-        if not name or not version.isdigit():
-            raise SystemExit(f"--version_label expects LABEL=VERSION, got {item!r}")
-        labels[name] = int(version)
+        if not name or parse_version(version) is None:
+            raise SystemExit(f"--version_label expects LABEL=VERSION (VERSION in ASCII digits), got {item!r}")
+        labels[name] = parse_version(version)
     batching = BatchingOptions(args.max_batch_size, args.batch_timeout_micros / 1e6, args.max_enqueued_requests,
                                args.num_batch_threads) if args.enable_batching else None
     options = ServerOptions(

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from csmf_tf.data.synthetic import schema_path
-from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog, InteractionTable
+from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog, InteractionTable, objective_position
 from csmf_tf.data.tfdata import HARD_NEGATIVE_PREFIX, _as_tensor_column, _catalog_rows
 
 #: Records without a ``row`` feature (other writers) are ordered after every numbered record, by position.
@@ -229,12 +229,7 @@ class TFRecordSource:
         return len(self.objectives)
 
     def objective_index(self, objective: str | int) -> int:
-        if isinstance(objective, (int, np.integer)):
-            return int(objective)
-        try:
-            return self.objectives.index(objective)
-        except ValueError:
-            raise KeyError(f"unknown objective {objective!r}; known: {self.objectives}") from None
+        return objective_position(self.objectives, objective)
 
     def user_catalog(self) -> Catalog:
         """Every user (sorted ids) with the features of its first row, like ``InteractionTable.user_catalog``."""

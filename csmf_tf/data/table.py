@@ -46,6 +46,16 @@ class Catalog:
         return Catalog(self.ids[rows], {k: v[rows] for k, v in self.features.items()})
 
 
+def objective_position(objectives: Sequence[str], objective: str | int) -> int:
+    """Index of ``objective`` (a name, or already an index) in ``objectives``; KeyError names the known ones."""
+    if isinstance(objective, (int, np.integer)):
+        return int(objective)
+    try:
+        return list(objectives).index(objective)
+    except ValueError:
+        raise KeyError(f"unknown objective {objective!r}; known: {list(objectives)}") from None
+
+
 @dataclasses.dataclass
 class InteractionTable:
     user_id: np.ndarray
@@ -80,12 +90,7 @@ class InteractionTable:
         return len(self.objectives)
 
     def objective_index(self, objective: str | int) -> int:
-        if isinstance(objective, (int, np.integer)):
-            return int(objective)
-        try:
-            return self.objectives.index(objective)
-        except ValueError:
-            raise KeyError(f"unknown objective {objective!r}; known: {self.objectives}") from None
+        return objective_position(self.objectives, objective)
 
     def positives(self, objective: str | int) -> np.ndarray:
         """Boolean row mask of the positives of ``objective``."""

@@ -247,6 +247,14 @@ def findings(result: dict, k: int = 50) -> list[str]:
     return lines
 
 
+def _load_note(result: dict) -> str:
+    """The 1-minute load average at start and end: wall time is only comparable on an idle machine."""
+    load = result.get("load_average")
+    if not load:
+        return ""
+    return f", load average {load['start']:.1f} at the start and {load['end']:.1f} at the end"
+
+
 def markdown(result: dict, images: dict[str, Path | None]) -> str:
     objectives = result["objectives"]
     data = result["data"]
@@ -255,7 +263,7 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
     lines = [f"# CSMF experiments: {result['dataset']} ({result['mode']} mode)", "",
              f"Produced by `{result['command']}` in {result['seconds'] / 60:.1f} minutes of wall time"
              + (f" and {result['cpu_seconds'] / 60:.1f} minutes of CPU time" if "cpu_seconds" in result else "")
-             + f" ({result['started']}, {result['machine']}, shared with other jobs).", "",
+             + f" ({result['started']}, {result['machine']}{_load_note(result)}).", "",
              "## Data", "",
              f"{data['rows']:,} rows, {data['users']:,} users, {data['items']:,} items; positives per objective: "
              + ", ".join(f"{o} {n:,}" for o, n in data["positives"].items())

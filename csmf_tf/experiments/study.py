@@ -27,7 +27,6 @@ import tensorflow as tf
 from csmf_tf.data.tfdata import item_sampling_probabilities, make_objective_dataset
 from csmf_tf.experiments.training import MeanValidationRecall, fit_until_best
 from csmf_tf.experiments.vectors import cascade_vectors, evaluate_vectors, popularity_scoring
-from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.stages import TrainingConfig, build_model
 
 
