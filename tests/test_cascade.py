@@ -20,7 +20,9 @@ CONFIG = TrainingConfig(tower=TowerConfig(16, 4, (32,), 16), max_epochs=4, patie
 
 @pytest.fixture(scope="module")
 def data():
-    return prepare(generate_cascade(500, 300, 30000, seed=3))
+    # Big enough that the later stages have a few thousand clicks and ~1k conversions to learn from:
+    # at 500 users x 30k exposures the click/conversion comparison with exposure-only was within noise.
+    return prepare(generate_cascade(1000, 400, 60000, seed=3))
 
 
 @pytest.fixture(scope="module")
