@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = {}
     for item in args.version_label:
         name, _, version = item.partition("=")
-        if not name or parse_version(version) is None:
+        number = parse_version(version)
+        if not name or number is None:
             raise SystemExit(f"--version_label expects LABEL=VERSION (VERSION in ASCII digits), got {item!r}")
-        labels[name] = parse_version(version)
+        labels[name] = number
     batching = BatchingOptions(args.max_batch_size, args.batch_timeout_micros / 1e6, args.max_enqueued_requests,
                                args.num_batch_threads) if args.enable_batching else None
     options = ServerOptions(
