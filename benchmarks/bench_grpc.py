@@ -7,6 +7,13 @@
 The server runs as its own process (``python -m pipelines.serve``), as in production, so the load
 generator here does not share its interpreter; every request goes through the stock
 ``PredictionServiceStub`` with a random user, random objective weights and ``k``.
+
+The same load generator then drives a fixed-response ``grpc.aio`` server (no decoding, no model) at
+the same concurrencies: the transport's own ceiling on this machine, measured in the same run, so
+the model server's QPS can be read as a share of what any Python gRPC front end could reach here.
+Client and servers share the machine's cores, as they would on a 2-core benchmark box.
+
+    python benchmarks/bench_grpc.py --num_items 1000000 --export_dir /tmp/bench_1m   # keeps the export
 """
 from __future__ import annotations
 
@@ -32,40 +39,110 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 
 
 def export_demo(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
-    """Export untrained demo towers (clustered items) with the ScaNN index; returns the version and users."""
-    from csmf_tf.serving.demo import build_demo_towers
-    from csmf_tf.serving.export import export_retrieval_model
+    """Export untrained demo towers (clustered items) with the ScaNN index; returns the version and users.
 
+    The users are saved next to the model (``base/demo_users.npz``, with the export's settings), so
+    that ``--export_dir`` can reuse a large export instead of rebuilding it on every run.
+    """
+    from csmf_tf.serving.demo import build_demo_towers
+    from csmf_tf.serving.export import ScannOptions, export_retrieval_model
+
+    settings = {"num_items": args.num_items, "num_users": args.num_users, "dim": args.dim,
+                "brute_force": args.brute_force, "scann_num_leaves": args.scann_num_leaves,
+                "scann_leaves_fraction": args.scann_leaves_fraction, "scann_reorder": args.scann_reorder}
+    saved = base / "demo_users.npz"
+    if saved.exists():
+        with np.load(saved) as f:
+            kept = json.loads(str(f["settings"]))
+            if kept != settings:
+                raise SystemExit(f"{base} holds a demo export made with {kept}, not {settings}; "
+                                 "pick another --export_dir")
+            versions = sorted((p for p in (base / args.model_name).iterdir() if p.name.isdigit()),
+                              key=lambda p: int(p.name))
+            print(f"reusing {versions[-1]}", flush=True)
+            return versions[-1], {k: f[k] for k in ("user_id", "age", "city")}
     t0 = time.perf_counter()
     d = build_demo_towers(num_users=args.num_users, num_items=args.num_items, dim=args.dim,
                           num_clusters=max(20, args.num_items // 200), seed=0)
     path = export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives,
                                   base, args.model_name, default_weights=[1.0, 0.5, 2.0], k_max=100,
-                                  use_scann=not args.brute_force)
+                                  use_scann=not args.brute_force,
+                                  scann_options=ScannOptions(num_leaves=args.scann_num_leaves,
+                                                             leaves_to_search_fraction=args.scann_leaves_fraction,
+                                                             num_reordering_candidates=args.scann_reorder))
     print(f"exported {path} ({args.num_items:,} items, D={args.dim}) in {time.perf_counter() - t0:.1f}s",
           flush=True)
     c = d.user_catalog
-    return path, {"user_id": c.ids.astype(str), "age": c.features["age"], "city": c.features["city"].astype(str)}
+    users = {"user_id": c.ids.astype(str), "age": c.features["age"], "city": c.features["city"].astype(str)}
+    np.savez(saved, settings=json.dumps(settings), **users)
+    return path, users
 
 
 def start_server(base: Path, args: argparse.Namespace, workdir: Path, batching: bool
                  ) -> tuple[subprocess.Popen, int]:
     """``python -m pipelines.serve`` on a free port; returns the process and its gRPC port."""
-    port_file = workdir / f"ports-{batching}.json"
-    cmd = [sys.executable, "-m", "pipelines.serve", "--model_base_path", str(base), "--model_name",
-           args.model_name, "--port", "0", "--rest_api_port", "-1", "--port_file", str(port_file),
+    cmd = ["-m", "pipelines.serve", "--model_base_path", str(base), "--model_name",
+           args.model_name, "--port", "0", "--rest_api_port", "-1",
            "--file_system_poll_wait_seconds", "0", "--log_level", "WARNING",
            "--max_batch_size", str(args.max_batch_size), "--batch_timeout_micros", str(args.batch_timeout_micros),
            "--grpc_max_workers", str(max(32, 2 * max(args.concurrency)))]
     if not batching:
         cmd.append("--no-enable_batching")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return _spawn(cmd, workdir / f"ports-{batching}.json")
+
+
+def start_fixed_response_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen, int]:
+    """The transport baseline (see :func:`serve_fixed_response`) as its own process."""
+    port_file = workdir / "ports-fixed.json"
+    return _spawn([str(Path(__file__).resolve()), "--k", str(args.k), "--fixed_response_server"], port_file)
+
+
+def _spawn(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, *argv, "--port_file", str(port_file)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
     deadline = time.monotonic() + 600
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
+            raise RuntimeError(f"the server did not start: {argv}")
         time.sleep(0.2)
     return proc, json.loads(port_file.read_text())["grpc_port"]
+
+
+def serve_fixed_response(port_file: Path, k: int) -> None:
+    """A ``grpc.aio`` PredictionService that answers every Predict with one fixed retrieval response.
+
+    Same server options and response size (``k`` item ids, fused and per-objective scores) as the
+    model server, no decoding and no model: what the same load generator gets from the transport
+    alone on this machine, i.e. the ceiling any Python gRPC front end could reach here.
+    """
+    import asyncio
+
+    from csmf_tf.serving.constants import OUTPUT_ITEM_IDS, OUTPUT_OBJECTIVE_SCORES, OUTPUT_SCORES
+    from csmf_tf.serving.grpc_service import numpy_to_tensor_proto
+
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = "csmf"
+    response.model_spec.version.value = 1
+    response.model_spec.signature_name = "serving_default"
+    outputs = {OUTPUT_ITEM_IDS: np.array([[f"{i:07d}".encode() for i in range(k)]], dtype=object),
+               OUTPUT_SCORES: np.linspace(1, 0, k, dtype=np.float32)[None],
+               OUTPUT_OBJECTIVE_SCORES: np.ones((1, k, 3), np.float32)}
+    for name, value in outputs.items():
+        response.outputs[name].CopyFrom(numpy_to_tensor_proto(value))
+
+    class Fixed(prediction_service_pb2_grpc.PredictionServiceServicer):
+        async def Predict(self, request, context):  # noqa: ANN001, ANN202, N802 - the proto's name
+            return response
+
+    async def serve() -> None:
+        server = grpc.aio.server(maximum_concurrent_rpcs=256)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Fixed(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_file.write_text(json.dumps({"grpc_port": port}))
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 def make_request(model_name: str, users: dict, rng: np.random.Generator, k: int) -> predict_pb2.PredictRequest:
@@ -156,6 +233,9 @@ def graph_ceiling(version_dir: Path, users: dict, batch: int, k: int, seconds: f
     return {"batch": batch, "ms_per_call": ms, "ms_per_query": ms / batch, "qps_ceiling": 1e3 * batch / ms}
 
 
+FIXED = "fixed response (transport only)"
+
+
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -169,6 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num_users", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--brute_force", action="store_true", help="demo export without ScaNN")
+    p.add_argument("--scann_num_leaves", type=int, help="demo export: ScaNN leaves (default: ScannOptions)")
+    p.add_argument("--scann_leaves_fraction", type=float, help="demo export: fraction of leaves searched")
+    p.add_argument("--scann_reorder", type=int, help="demo export: candidates re-ranked exactly")
+    p.add_argument("--export_dir", help="keep the demo export here and reuse it when run again")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -178,8 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="server micro-batching; 'on off' runs both against the same export")
     p.add_argument("--max_batch_size", type=int, default=64)
     p.add_argument("--batch_timeout_micros", type=int, default=2000)
+    p.add_argument("--transport_baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also load a fixed-response gRPC server (no model) at the same concurrencies")
+    p.add_argument("--fixed_response_server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port_file", help=argparse.SUPPRESS)
     p.add_argument("--out", default="results/bench_grpc.json")
     args = p.parse_args(argv)
+    if args.fixed_response_server:
+        serve_fixed_response(Path(args.port_file), args.k)
+        return {}
 
     with tempfile.TemporaryDirectory(prefix="bench_grpc_") as tmp:
         workdir = Path(tmp)
@@ -189,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "city": np.array(["paris"] * 1000)}
             exported = None
         else:
-            base = workdir / "models"
+            base = Path(args.export_dir) if args.export_dir else workdir / "models"
             exported, users = export_demo(base, args)
         ceilings = []
         if exported:
@@ -199,30 +290,39 @@ def main(argv: list[str] | None = None) -> dict:
                       f"(ceiling {ceilings[-1]['qps_ceiling']:,.0f} QPS)", flush=True)
         runs = []
         codes = []
-        for mode in args.batching:
-            proc, port = start_server(base, args, workdir, mode == "on")
+        servers = [(f"model (batching {mode})", mode, lambda mode=mode: start_server(base, args, workdir, mode == "on"))
+                   for mode in args.batching]
+        if args.transport_baseline:
+            servers.append((FIXED, "n/a", lambda: start_fixed_response_server(args, workdir)))
+        for label, mode, start in servers:
+            proc, port = start()
             target = f"127.0.0.1:{port}"
             try:
                 for c in args.concurrency:
                     r = run_load(target, args.model_name, users, c, args.duration, args.warmup, args.k, args.timeout)
-                    r["batching"] = mode
+                    r.update(server=label, batching=mode)
                     runs.append(r)
-                    print(f"batching {mode:>3}, concurrency {c:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
+                    print(f"{label:>30}, concurrency {c:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
                           f"p99 {_ms(r['p99_ms'])} ms  errors {r['errors']}", flush=True)
             finally:
-                proc.terminate()                      # SIGTERM: the server drains and exits 0
-                codes.append(proc.wait(timeout=120))
+                proc.terminate()                      # SIGTERM: the model server drains and exits 0
+                code = proc.wait(timeout=120)
+                if label != FIXED:
+                    codes.append(code)
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average_at_end": os.getloadavg()[0]},
                "graph_ceiling": ceilings,
                "model": str(exported or base), "num_items": args.num_items if exported else None,
+               "index": json.loads((exported / "assets" / "config.json").read_text()).get("index") if exported else None,
                "k": args.k, "max_batch_size": args.max_batch_size,
                "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs}
-    print("\n| batching | concurrency | QPS | p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    baseline = {r["concurrency"]: r["qps"] for r in runs if r["server"] == FIXED}
+    print("\n| server | concurrency | QPS | share of transport QPS | p50 ms | p90 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['batching']} | {r['concurrency']} | {r['qps']:.1f} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} "
-              f"| {_ms(r['p99_ms'])} | {r['errors']} |")
+        share = f"{r['qps'] / baseline[r['concurrency']]:.2f}" if r["concurrency"] in baseline else "n/a"
+        print(f"| {r['server']} | {r['concurrency']} | {r['qps']:.1f} | {share} | {_ms(r['p50_ms'])} "
+              f"| {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |")
     print(f"server exit codes after SIGTERM: {codes}")
     write_results(results, args.out)
     return results

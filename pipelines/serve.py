@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_request_batch_size", type=int, default=1024)
     p.add_argument("--max_message_bytes", type=int, default=16 * 1024 * 1024)
     p.add_argument("--request_timeout_s", type=float, default=30.0)
-    p.add_argument("--grpc_max_workers", type=int, default=32)
+    p.add_argument("--grpc_max_workers", type=int, default=32,
+                   help="threads for signatures that are not micro-batched (gRPC requests themselves are "
+                        "coroutines on one event loop)")
+    p.add_argument("--grpc_max_concurrent_rpcs", type=int, default=256,
+                   help="RPCs admitted at once; beyond, clients get RESOURCE_EXHAUSTED")
     p.add_argument("--grace_s", type=float, default=10.0, help="drain time on shutdown")
     p.add_argument("--log_level", default="INFO")
     return p
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval_s=args.file_system_poll_wait_seconds, num_versions=args.num_versions,
         version_labels=labels, batching=batching,
         limits=Limits(args.max_request_batch_size, args.max_message_bytes, args.request_timeout_s),
-        grpc_max_workers=args.grpc_max_workers)
+        grpc_max_workers=args.grpc_max_workers, max_concurrent_rpcs=args.grpc_max_concurrent_rpcs)
     server = ModelServer(args.model_base_path, args.model_name, options)
     stop = threading.Event()
 

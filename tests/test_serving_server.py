@@ -395,6 +395,54 @@ def test_batcher_isolates_a_failing_request():
     assert np.array_equal(out[9]["y"], [200.0]) and batcher.inline_runs == 1
 
 
+def test_async_waiters_that_give_up_do_not_break_the_batching_thread():
+    """The gRPC front end awaits batches; a deadline or a cancelled RPC cancels its future."""
+    import asyncio
+
+    sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
+                        {"x": TensorSpecInfo("x", tf.float32, (None,))},
+                        {"y": TensorSpecInfo("y", tf.float32, (None,))}, {})
+    gate = threading.Event()
+    calls = []
+
+    def run(inputs):
+        calls.append(inputs["x"].tolist())
+        if np.any(inputs["x"] == 100):
+            gate.wait(10)                     # holds the batching thread while the others queue up
+        return {"y": inputs["x"] * 2}
+
+    batcher = RetrievalBatcher(run, sig, BatchingOptions(max_batch_size=16, batch_timeout_s=0.0))
+
+    async def scenario():
+        def submit(x, timeout):
+            return batcher.submit_async({"x": np.array([x], np.float32)}, 1, time.monotonic() + timeout)
+
+        blocker = asyncio.ensure_future(submit(100.0, 10))
+        while not calls:
+            await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(submit(1.0, 0.2))          # its deadline passes in the queue
+        cancelled = asyncio.ensure_future(submit(2.0, 10))      # its RPC is cancelled in the queue
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(ServingError) as late_error:
+            await late
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        gate.set()
+        first = await blocker
+        after = await submit(3.0, 10)                           # the batching thread is still alive
+        return late_error.value, first, after
+
+    try:
+        late_error, first, after = asyncio.run(scenario())
+    finally:
+        gate.set()
+        batcher.stop()
+    assert late_error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert first["y"].tolist() == [200.0] and after["y"].tolist() == [6.0]
+    assert calls == [[100.0], [3.0]]                            # neither abandoned request ran
+
+
 def test_lone_request_does_not_wait_for_the_batch_timeout():
     sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
                         {"x": TensorSpecInfo("x", tf.float32, (None,))},
@@ -508,6 +556,24 @@ def test_hot_swap_under_load_then_broken_versions_are_refused(towers, tmp_path):
 
 
 # -- processes, CLI, one-shot helper -------------------------------------------------------------------------
+def test_a_port_in_use_is_a_clear_error_and_releases_everything(model_v1):
+    base, _ = model_v1
+
+    def loop_threads():
+        return sum(t.name == "grpc-aio" and t.is_alive() for t in threading.enumerate())
+
+    before = loop_threads()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = ModelServer(base, "csmf", port=port, rest_api_port=None, poll_interval_s=0, warmup=False)
+        with pytest.raises(OSError, match=f"cannot bind gRPC to 127.0.0.1:{port}"):
+            srv.start()
+    assert srv.wait(timeout=5)                # stopped: registry unloaded, event-loop thread ended
+    assert loop_threads() == before
+
+
 def test_serve_cli_drains_and_exits_zero_on_sigterm(model_v1, tmp_path, towers):
     base, _ = model_v1
     port_file = tmp_path / "ports.json"

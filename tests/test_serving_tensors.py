@@ -62,3 +62,23 @@ def test_decode_keeps_tensorflow_fill_rule_and_limits():
     huge.float_val.append(0.0)
     with pytest.raises(ServingError, match="more than the server's limit"):
         tensor_proto_to_numpy(huge, max_elements=1000, name="w")
+
+
+@pytest.mark.parametrize("dtype,field,values", [
+    (types_pb2.DT_FLOAT, "float_val", [0.5, -1.25, 3.0, 1e-3]),
+    (types_pb2.DT_DOUBLE, "double_val", [0.1, 2.0, -3.5, 1e300]),
+    (types_pb2.DT_INT32, "int_val", [1, -2, 2**31 - 1, 0]),
+    (types_pb2.DT_INT64, "int64_val", [2**40, -1, 0, 7]),
+])
+def test_decode_of_value_lists_matches_tensorflow(dtype, field, values):
+    """Hand-built protos (other languages' clients) carry values in the typed repeated fields."""
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    proto.tensor_shape.dim.add(size=2)
+    proto.tensor_shape.dim.add(size=2)
+    getattr(proto, field).extend(values)
+    decoded, reference = tensor_proto_to_numpy(proto), tf.make_ndarray(proto)
+    assert decoded.dtype == reference.dtype and decoded.shape == (2, 2)
+    np.testing.assert_array_equal(decoded, reference)
+    scalar = tensor_pb2.TensorProto(dtype=dtype)
+    getattr(scalar, field).append(values[0])
+    assert tensor_proto_to_numpy(scalar).shape == () and tensor_proto_to_numpy(scalar) == tf.make_ndarray(scalar)

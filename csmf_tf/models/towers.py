@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog
 from csmf_tf.layers import masked
+from csmf_tf.layers.lookup import string_lookup
 from csmf_tf.masks import ownership
 
 keras = tf.keras
@@ -88,8 +89,8 @@ class MaskedTower:
             masked.reinitialise_stage_units(wrapper, stage, seed + 7919 * offset)
 
 
-def _vocabulary(values: np.ndarray) -> list[str]:
-    return sorted({str(v) for v in values})
+def _vocabulary(values: np.ndarray) -> np.ndarray:
+    return np.array(sorted({str(v) for v in values}), dtype=str)
 
 
 def build_tower(name: str, id_key: str, catalog: Catalog, feature_kinds: Mapping[str, str],
@@ -103,8 +104,7 @@ def build_tower(name: str, id_key: str, catalog: Catalog, feature_kinds: Mapping
 
     def embed(key: str, values: np.ndarray, dim: int) -> None:
         vocabulary = _vocabulary(values)
-        index = keras.layers.StringLookup(vocabulary=vocabulary, num_oov_indices=1,
-                                          name=f"{name}_{key}_lookup")(inputs[key])
+        index = string_lookup(vocabulary, name=f"{name}_{key}_lookup")(inputs[key])
         wrapper = masked.wrap(masked.MaskedEmbedding(
             len(vocabulary) + 1, dim, embeddings_initializer=keras.initializers.RandomUniform(
                 -0.05, 0.05, seed=seed + len(embeddings)), name=f"{name}_{key}_embedding"))

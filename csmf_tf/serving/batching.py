@@ -11,6 +11,7 @@ by request, so one bad request never fails its neighbours.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -49,6 +50,14 @@ class BatchingOptions:
             raise ValueError("max_batch_size, max_enqueued and num_batch_threads must be >= 1")
         if self.batch_timeout_s < 0:
             raise ValueError("batch_timeout_s must be >= 0")
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _waited_too_long() -> ServingError:
+    return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the batch")
 
 
 class _Task:
@@ -146,21 +155,47 @@ class RetrievalBatcher:
                 # arrive meanwhile queue up and are batched together.
                 self.inline_runs += 1
                 return self._execute_one(task)
+            self._enqueue(task)
             try:
-                self._queue.put_nowait(task)
-            except queue.Full:
-                raise ServingError(grpc.StatusCode.UNAVAILABLE, "the batch scheduling queue to which this "
-                                   "task was submitted is full") from None
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                return task.future.result(timeout=timeout)
+                return task.future.result(timeout=_remaining(deadline))
             except concurrent.futures.TimeoutError:
                 task.cancelled = True
-                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   "deadline exceeded while waiting for the batch") from None
+                raise _waited_too_long() from None
         finally:
             with self._active_lock:
                 self._active -= 1
+
+    async def submit_async(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None
+                           ) -> dict[str, np.ndarray]:
+        """:meth:`submit` for a coroutine on an event loop: awaits the batch instead of blocking.
+
+        The request is always queued: running it inline, as :meth:`submit` does when the batcher is
+        idle, would stop the event loop (and every other request it is decoding) for the whole call.
+        """
+        task = self._prepare(inputs, rows)
+        task.deadline = deadline
+        loop = asyncio.get_running_loop()
+        if self._stopping.is_set():
+            return await loop.run_in_executor(None, self._execute_one, task)
+        with self._active_lock:
+            self._active += 1
+        try:
+            self._enqueue(task)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(task.future), _remaining(deadline))
+            except asyncio.TimeoutError:
+                task.cancelled = True
+                raise _waited_too_long() from None
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _enqueue(self, task: _Task) -> None:
+        try:
+            self._queue.put_nowait(task)
+        except queue.Full:
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, "the batch scheduling queue to which this "
+                               "task was submitted is full") from None
 
     # -- batching threads --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -215,7 +250,9 @@ class RetrievalBatcher:
         now = time.monotonic()
         live = []
         for t in batch:
-            if t.cancelled or t.future.done():
+            # A waiter that gave up (deadline, cancelled RPC) may have cancelled the future; once it is
+            # marked running it can no longer be cancelled, so setting its result below cannot fail.
+            if t.cancelled or not t.future.set_running_or_notify_cancel():
                 continue
             if t.deadline is not None and now > t.deadline:
                 t.future.set_exception(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -1,9 +1,12 @@
 """Transport-independent request handling: what both the gRPC and the REST front ends call."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import grpc
 import numpy as np
@@ -11,7 +14,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from csmf_tf.serving.constants import RETRIEVAL_SIGNATURE
 from csmf_tf.serving.errors import ServingError, invalid, not_found
-from csmf_tf.serving.model_registry import ModelRegistry, VersionState, run_or_raise
+from csmf_tf.serving.model_registry import LoadedModel, ModelRegistry, VersionState, run_or_raise
 from csmf_tf.serving.signatures import SignatureInfo, validate_inputs
 
 
@@ -33,6 +36,21 @@ class PredictResult:
     outputs: dict[str, np.ndarray]
 
 
+Inputs = Union[Mapping[str, np.ndarray], Callable[[SignatureInfo], Mapping[str, np.ndarray]]]
+
+
+@dataclasses.dataclass
+class _Call:
+    """A validated request, its pinned model version and whether it goes through the batcher."""
+
+    model: LoadedModel
+    signature: SignatureInfo
+    signature_name: str
+    inputs: dict[str, np.ndarray]
+    rows: int | None
+    batchable: bool
+
+
 class PredictionCore:
     """Resolve model/version/signature, validate, batch or run, filter outputs."""
 
@@ -52,8 +70,7 @@ class PredictionCore:
             budget = min(budget, client_remaining_s)
         return time.monotonic() + budget
 
-    def predict(self, model_name: str,
-                inputs: Mapping[str, np.ndarray] | Callable[[SignatureInfo], Mapping[str, np.ndarray]], *, version: int | None = None,
+    def predict(self, model_name: str, inputs: Inputs, *, version: int | None = None,
                 version_label: str | None = None, signature_name: str = "",
                 output_filter: Sequence[str] = (), deadline: float | None = None) -> PredictResult:
         """One Predict request. Raises :class:`ServingError` with TF Serving's status codes.
@@ -61,6 +78,32 @@ class PredictionCore:
         ``inputs`` is either the request's tensors or a function that decodes them given the resolved
         signature (the transports convert JSON / TensorProtos with the signature's dtypes).
         """
+        with self._prepared(model_name, inputs, version, version_label, signature_name, output_filter,
+                            deadline) as call:
+            if call.batchable:
+                outputs = call.model.batcher.submit(call.inputs, call.rows, deadline)
+            else:
+                outputs = run_or_raise(call.model, call.signature_name, call.inputs)
+            return self._finish(call, outputs, output_filter, deadline)
+
+    async def predict_async(self, model_name: str, inputs: Inputs, *, version: int | None = None,
+                            version_label: str | None = None, signature_name: str = "",
+                            output_filter: Sequence[str] = (), deadline: float | None = None,
+                            executor: concurrent.futures.Executor | None = None) -> PredictResult:
+        """:meth:`predict` for an event loop: the model runs in the batching thread or ``executor``."""
+        with self._prepared(model_name, inputs, version, version_label, signature_name, output_filter,
+                            deadline) as call:
+            if call.batchable:
+                outputs = await call.model.batcher.submit_async(call.inputs, call.rows, deadline)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    executor, run_or_raise, call.model, call.signature_name, call.inputs)
+            return self._finish(call, outputs, output_filter, deadline)
+
+    @contextlib.contextmanager
+    def _prepared(self, model_name: str, inputs: Inputs, version: int | None, version_label: str | None,
+                  signature_name: str, output_filter: Sequence[str], deadline: float | None) -> Iterator[_Call]:
+        """Resolve and validate a request; the model version stays pinned until the block exits."""
         self._check_model(model_name)
         signature_name = signature_name or RETRIEVAL_SIGNATURE
         if deadline is not None and time.monotonic() >= deadline:
@@ -76,15 +119,17 @@ class PredictionCore:
                               f"{signature_name!r}; outputs: {sorted(sig.outputs)}")
             given = inputs(sig) if callable(inputs) else inputs
             full, rows = validate_inputs(sig, given, self.limits.max_request_batch_size)
-            if signature_name == RETRIEVAL_SIGNATURE and model.batcher is not None and rows is not None:
-                outputs = model.batcher.submit(full, rows, deadline)
-            else:
-                outputs = run_or_raise(model, signature_name, full)
-            if deadline is not None and time.monotonic() > deadline:
-                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            if output_filter:
-                outputs = {k: outputs[k] for k in output_filter}
-            return PredictResult(model.version, signature_name, outputs)
+            batchable = signature_name == RETRIEVAL_SIGNATURE and model.batcher is not None and rows is not None
+            yield _Call(model, sig, signature_name, full, rows, batchable)
+
+    @staticmethod
+    def _finish(call: _Call, outputs: dict[str, np.ndarray], output_filter: Sequence[str],
+                deadline: float | None) -> PredictResult:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        if output_filter:
+            outputs = {k: outputs[k] for k in output_filter}
+        return PredictResult(call.model.version, call.signature_name, outputs)
 
     def metadata(self, model_name: str, version: int | None = None, version_label: str | None = None
                  ) -> tuple[int, dict[str, meta_graph_pb2.SignatureDef]]:

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from csmf_tf.data.table import Catalog
+from csmf_tf.layers.lookup import string_lookup
 
 
 @dataclasses.dataclass
@@ -90,9 +91,9 @@ def build_demo_towers(num_users: int = 50, num_items: int = 300, dim: int = 16, 
     u_in = {"user_id": tf.keras.Input(shape=(), dtype=tf.string, name="user_id"),
             "age": tf.keras.Input(shape=(), dtype=tf.float32, name="age"),
             "city": tf.keras.Input(shape=(), dtype=tf.string, name="city")}
-    uid = tf.keras.layers.StringLookup(vocabulary=list(user_ids), name="user_lookup")(u_in["user_id"])
-    uemb = tf.keras.layers.Embedding(num_users + 1, dim, name="user_emb",
-                                     embeddings_initializer=tf.keras.initializers.Constant(user_table))(uid)
+    uid = string_lookup(user_ids, name="user_lookup")(u_in["user_id"])
+    user_emb = tf.keras.layers.Embedding(num_users + 1, dim, name="user_emb")
+    uemb = user_emb(uid)
     cid = tf.keras.layers.StringLookup(vocabulary=list(cities), name="city_lookup")(u_in["city"])
     cemb = tf.keras.layers.Embedding(len(cities) + 1, 4, name="city_emb", embeddings_initializer=
                                      tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=seed + 1))(cid)
@@ -109,6 +110,9 @@ def build_demo_towers(num_users: int = 50, num_items: int = 300, dim: int = 16, 
         schedule = tfmot.sparsity.keras.ConstantSparsity(0.0, begin_step=0, end_step=0, frequency=10 ** 9)
         dense = tfmot.sparsity.keras.prune_low_magnitude(dense, pruning_schedule=schedule)
     user_model = tf.keras.Model(u_in, dense(h), name="user_tower")
+    # Assigned, not a Constant initializer: an initializer's value is part of the layer config, which
+    # SavedModel export serialises again and again (a 1M-row table made the export take minutes).
+    user_emb.embeddings.assign(user_table)
     if prune_wrapper:
         # An active-connection mask as CSMF holds it: later-stage columns lose random off-diagonal inputs.
         wrapper = user_model.get_layer(dense.name)
@@ -120,15 +124,16 @@ def build_demo_towers(num_users: int = 50, num_items: int = 300, dim: int = 16, 
 
     i_in = {"item_id": tf.keras.Input(shape=(), dtype=tf.string, name="item_id"),
             "category": tf.keras.Input(shape=(), dtype=tf.string, name="category")}
-    iid = tf.keras.layers.StringLookup(vocabulary=list(item_ids), name="item_lookup")(i_in["item_id"])
+    iid = string_lookup(item_ids, name="item_lookup")(i_in["item_id"])
     table = np.concatenate([np.zeros((1, dim), np.float32), item_vecs])   # row 0 = OOV
-    iemb = tf.keras.layers.Embedding(num_items + 1, dim, name="item_emb",
-                                     embeddings_initializer=tf.keras.initializers.Constant(table))(iid)
+    item_emb = tf.keras.layers.Embedding(num_items + 1, dim, name="item_emb")
+    iemb = item_emb(iid)
     cats = sorted(set(item_catalog.features["category"].tolist()))
     kid = tf.keras.layers.StringLookup(vocabulary=cats, name="category_lookup")(i_in["category"])
     kemb = tf.keras.layers.Embedding(len(cats) + 1, dim, name="category_emb",
                                      embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.01, seed=seed))(kid)
     item_model = tf.keras.Model(i_in, tf.keras.layers.Add(name="item_out")([iemb, kemb]), name="item_tower")
+    item_emb.embeddings.assign(table)
     return DemoTowers(user_model, item_model, user_catalog, item_catalog,
                       default_owner_stage(dim, len(objectives)), tuple(objectives))
 

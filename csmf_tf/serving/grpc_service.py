@@ -4,7 +4,9 @@ Any stock TF Serving client (``prediction_service_pb2_grpc.PredictionServiceStub
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from concurrent import futures
 from typing import Callable
 
@@ -62,6 +64,10 @@ def tensor_proto_to_numpy(proto: tensor_pb2.TensorProto, max_elements: int | Non
         return np.frombuffer(proto.tensor_content, numeric).reshape(shape).copy()
     if proto.dtype == types_pb2.DT_STRING and len(proto.string_val) == count:
         return np.array(list(proto.string_val), dtype=object).reshape(shape)
+    if numeric is not None and not proto.tensor_content:
+        values = getattr(proto, _VALUE_FIELD[proto.dtype])
+        if len(values) == count:
+            return np.array(values, numeric).reshape(shape)
     try:
         return tf.make_ndarray(proto)
     except Exception as e:  # noqa: BLE001 - any decoding problem is the request's fault
@@ -71,6 +77,8 @@ def tensor_proto_to_numpy(proto: tensor_pb2.TensorProto, max_elements: int | Non
 _NUMPY_OF_ENUM = {types_pb2.DT_FLOAT: np.dtype(np.float32), types_pb2.DT_DOUBLE: np.dtype(np.float64),
                   types_pb2.DT_INT32: np.dtype(np.int32), types_pb2.DT_INT64: np.dtype(np.int64)}
 _ENUM_OF_NUMPY = {dtype: enum for enum, dtype in _NUMPY_OF_ENUM.items()}
+_VALUE_FIELD = {types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_val",
+                types_pb2.DT_INT32: "int_val", types_pb2.DT_INT64: "int64_val"}
 
 
 def numpy_to_tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
@@ -97,18 +105,24 @@ def numpy_to_tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
-def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
-    context.abort(error.code, error.message)
+async def _abort(context: grpc.aio.ServicerContext, error: ServingError) -> None:
+    await context.abort(error.code, error.message)
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata; the rest UNIMPLEMENTED."""
+    """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata; the rest UNIMPLEMENTED.
 
-    def __init__(self, core: PredictionCore) -> None:
+    The methods are coroutines for a ``grpc.aio`` server: decoding and encoding run on the event
+    loop, the model in the batching thread (or ``executor`` for unbatched signatures), so no request
+    holds a thread while it waits for its batch.
+    """
+
+    def __init__(self, core: PredictionCore, executor: futures.Executor | None = None) -> None:
         self.core = core
+        self.executor = executor
 
-    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
-                ) -> predict_pb2.PredictResponse:
+    async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
+                      ) -> predict_pb2.PredictResponse:
         try:
             version, label = _version_of(request.model_spec)
 
@@ -124,11 +138,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     out[name] = tensor_proto_to_numpy(proto, limit, name)
                 return out
 
-            result = self.core.predict(
+            result = await self.core.predict_async(
                 request.model_spec.name, decode, version=version, version_label=label,
                 signature_name=request.model_spec.signature_name,
                 output_filter=list(request.output_filter),
-                deadline=self.core.deadline(context.time_remaining()))
+                deadline=self.core.deadline(context.time_remaining()), executor=self.executor)
             response = predict_pb2.PredictResponse()
             response.model_spec.name = request.model_spec.name
             response.model_spec.version.value = result.version
@@ -137,13 +151,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 response.outputs[name].CopyFrom(numpy_to_tensor_proto(value))
             return response
         except ServingError as e:
-            _abort(context, e)
+            await _abort(context, e)
         except Exception as e:  # noqa: BLE001 - never crash the server on one request
             log.exception("Predict failed")
-            _abort(context, ServingError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
+            await _abort(context, ServingError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
 
-    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-                         context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         try:
             fields = list(request.metadata_field)
             if not fields:
@@ -162,13 +177,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.metadata["signature_def"].Pack(sig_map)
             return response
         except ServingError as e:
-            _abort(context, e)
+            await _abort(context, e)
         except Exception as e:  # noqa: BLE001
             log.exception("GetModelMetadata failed")
-            _abort(context, ServingError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
+            await _abort(context, ServingError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
 
-    def _unimplemented(self, request, context: grpc.ServicerContext):  # noqa: ANN001
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+    async def _unimplemented(self, request, context: grpc.aio.ServicerContext):  # noqa: ANN001
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                       "only Predict and GetModelMetadata are served (the model has predict signatures)")
 
     Classify = _unimplemented
@@ -195,19 +210,19 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, core: PredictionCore) -> None:
         self.core = core
 
-    def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
-                       context: grpc.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+    async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                             context: grpc.aio.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
         try:
             version = request.model_spec.version.value if request.model_spec.HasField("version") else None
             return status_response(self.core, request.model_spec.name, version)
         except ServingError as e:
-            _abort(context, e)
+            await _abort(context, e)
         except Exception as e:  # noqa: BLE001
             log.exception("GetModelStatus failed")
-            _abort(context, ServingError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
+            await _abort(context, ServingError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
 
-    def HandleReloadConfigRequest(self, request, context: grpc.ServicerContext):  # noqa: ANN001
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+    async def HandleReloadConfigRequest(self, request, context: grpc.aio.ServicerContext):  # noqa: ANN001
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                       "model config reloads are not supported; new versions are picked up from disk")
 
 
@@ -230,14 +245,14 @@ def _lenient_deserializer(message_cls: type) -> Callable[[bytes], object]:
 
 
 def _guarded(method: Callable) -> Callable:
-    def behaviour(request: object, context: grpc.ServicerContext) -> object:
+    async def behaviour(request: object, context: grpc.aio.ServicerContext) -> object:
         if isinstance(request, _Undecodable):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return method(request, context)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await method(request, context)
     return behaviour
 
 
-def _add_service(server: grpc.Server, service: str, servicer: object,
+def _add_service(server: grpc.aio.Server, service: str, servicer: object,
                  methods: dict[str, tuple[type, type]]) -> None:
     """Register ``servicer``'s unary methods like the generated ``add_*_to_server`` does, except that
     a request whose bytes do not parse (garbage, invalid UTF-8 in a proto3 string field such as the
@@ -267,22 +282,69 @@ _MODEL_METHODS = {
 }
 
 
-def build_grpc_server(core: PredictionCore, host: str, port: int, max_workers: int = 32,
-                      max_concurrent_rpcs: int | None = 256) -> tuple[grpc.Server, int]:
-    """A gRPC server (not started yet) with both services bound to ``host:port``; returns ``(server, port)``."""
-    size = core.limits.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                 ("grpc.so_reuseport", 0)])
-    _add_service(server, "tensorflow.serving.PredictionService", PredictionServicer(core), _PREDICTION_METHODS)
-    _add_service(server, "tensorflow.serving.ModelService", ModelServicer(core), _MODEL_METHODS)
-    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC to {host}:{port}")
-    return server, bound
+class GrpcServer:
+    """Both services on a ``grpc.aio`` server that runs on its own event-loop thread.
+
+    ``start()`` binds ``host:port`` (0 picks a free port) and returns the port; ``stop(grace_s)``
+    refuses new RPCs, lets in-flight ones finish for up to ``grace_s`` seconds, then cancels the rest.
+    Unbatched signatures (the embedding signatures, or everything with batching off) run on a pool
+    of ``max_workers`` threads; at most ``max_concurrent_rpcs`` RPCs are admitted at once, beyond
+    which clients get RESOURCE_EXHAUSTED as from TF Serving.
+    """
+
+    def __init__(self, core: PredictionCore, host: str, port: int, max_workers: int = 32,
+                 max_concurrent_rpcs: int | None = 256) -> None:
+        self._core = core
+        self._address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._server: grpc.aio.Server | None = None
+
+    def start(self, timeout_s: float = 60.0) -> int:
+        """Bind and start serving; returns the bound port."""
+        self._thread.start()
+        try:
+            return asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout_s)
+        except BaseException:
+            self.stop(0)
+            raise
+
+    async def _start(self) -> int:
+        size = self._core.limits.max_message_bytes
+        server = grpc.aio.server(
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                     ("grpc.so_reuseport", 0)])
+        _add_service(server, "tensorflow.serving.PredictionService",
+                     PredictionServicer(self._core, self._executor), _PREDICTION_METHODS)
+        _add_service(server, "tensorflow.serving.ModelService", ModelServicer(self._core), _MODEL_METHODS)
+        try:
+            port = server.add_insecure_port(self._address)
+        except RuntimeError as e:   # grpc.aio raises where the sync server returned 0
+            raise OSError(f"cannot bind gRPC to {self._address}: {e}") from None
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {self._address}")
+        await server.start()
+        self._server = server
+        return port
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Graceful stop (see class docstring); returns once the loop thread has ended."""
+        if self._thread.is_alive():
+            if self._server is not None:
+                done = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop)
+                try:
+                    done.result(grace_s + 5)
+                except futures.TimeoutError:
+                    log.warning("gRPC server did not stop within %.1f s", grace_s + 5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(grace_s + 5)
+        if not self._thread.is_alive():
+            self._loop.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["PredictionServicer", "ModelServicer", "build_grpc_server", "status_response",
+__all__ = ["PredictionServicer", "ModelServicer", "GrpcServer", "status_response",
            "numpy_to_tensor_proto", "tensor_proto_to_numpy"]

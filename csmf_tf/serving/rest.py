@@ -33,7 +33,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from csmf_tf.serving.core import PredictionCore
 from csmf_tf.serving.errors import ServingError, invalid, not_found
 from csmf_tf.serving.grpc_service import status_response
-from csmf_tf.serving.signatures import SignatureInfo, TensorSpecInfo, numpy_dtype
+from csmf_tf.serving.signatures import SignatureInfo, TensorSpecInfo
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def json_to_array(value: Any, spec: TensorSpecInfo, name: str) -> np.ndarray:
             if arr.dtype != object or any(not isinstance(x, bytes) for x in arr.ravel()):
                 raise ValueError("ragged")
             return arr
-        want = numpy_dtype(spec.dtype)
+        want = spec.numpy_dtype
         arr = np.array(leaves)
         if arr.dtype == object:
             if want.kind in "iu" and _has_big_int(leaves):

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from csmf_tf.serving.batching import BatchingOptions
 from csmf_tf.serving.core import Limits, PredictionCore
-from csmf_tf.serving.grpc_service import build_grpc_server
+from csmf_tf.serving.grpc_service import GrpcServer
 from csmf_tf.serving.model_registry import ModelRegistry
 from csmf_tf.serving.rest import RestServer
 
@@ -61,7 +61,7 @@ class ModelServer:
                                       options.num_versions, options.version_labels, options.batching,
                                       options.warmup)
         self.core = PredictionCore(self.registry, options.limits)
-        self._grpc = None
+        self._grpc: GrpcServer | None = None
         self._rest: RestServer | None = None
         self._rest_thread: threading.Thread | None = None
         self.grpc_port: int | None = None
@@ -81,9 +81,8 @@ class ModelServer:
         self.registry.start()
         o = self.options
         try:
-            self._grpc, self.grpc_port = build_grpc_server(self.core, o.host, o.port, o.grpc_max_workers,
-                                                           o.max_concurrent_rpcs)
-            self._grpc.start()
+            self._grpc = GrpcServer(self.core, o.host, o.port, o.grpc_max_workers, o.max_concurrent_rpcs)
+            self.grpc_port = self._grpc.start()
             if o.rest_api_port is not None:
                 self._rest = RestServer((o.host, o.rest_api_port), self.core)
                 self.rest_port = self._rest.server_address[1]
@@ -112,13 +111,12 @@ class ModelServer:
         """Graceful shutdown: refuse new requests, let in-flight ones finish (up to ``grace_s``), unload."""
         if self._stopped.is_set():
             return
-        grpc_done = self._grpc.stop(grace_s) if self._grpc is not None else None
         rest_drain = None
         if self._rest is not None:
             rest_drain = threading.Thread(target=self._rest.drain, name="rest-drain", daemon=True)
             rest_drain.start()
-        if grpc_done is not None:
-            grpc_done.wait(grace_s + 1)
+        if self._grpc is not None:
+            self._grpc.stop(grace_s)
         if rest_drain is not None:
             rest_drain.join(grace_s + 1)
         self.registry.stop()

@@ -24,6 +24,13 @@ class TensorSpecInfo:
     name: str
     dtype: tf.DType
     shape: tuple[int | None, ...] | None
+    # Looked up once: tf.DType comparisons and conversions cost microseconds on every request.
+    numpy_dtype: np.dtype = dataclasses.field(init=False, repr=False, compare=False)
+    dtype_enum: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numpy_dtype", numpy_dtype(self.dtype))
+        object.__setattr__(self, "dtype_enum", self.dtype.as_datatype_enum)
 
     @staticmethod
     def from_proto(name: str, info: meta_graph_pb2.TensorInfo) -> "TensorSpecInfo":
@@ -76,7 +83,7 @@ def numpy_dtype(dtype: tf.DType) -> np.dtype:
 
 def check_dtype_enum(name: str, spec: TensorSpecInfo, proto_dtype: int) -> None:
     """TF Serving refuses a tensor whose dtype differs from the signature's (no implicit casts)."""
-    if proto_dtype != spec.dtype.as_datatype_enum:
+    if proto_dtype != spec.dtype_enum:
         got = types_pb2.DataType.Name(proto_dtype) if proto_dtype in types_pb2.DataType.values() \
             else str(proto_dtype)
         raise invalid(f"input {name!r}: expects dtype {spec.dtype.name} "
@@ -107,8 +114,8 @@ def validate_inputs(sig: SignatureInfo, inputs: Mapping[str, np.ndarray],
             out[name] = sig.defaults[name]
             continue
         value = np.asarray(inputs[name])
-        want = numpy_dtype(spec.dtype)
-        if spec.dtype == tf.string:
+        want = spec.numpy_dtype
+        if want == object:
             if value.dtype != object and value.dtype.kind not in ("S", "U"):
                 raise invalid(f"input {name!r}: expects dtype string but got {value.dtype}")
         elif value.dtype != want:
