@@ -50,13 +50,16 @@ def stage_vectors(model: CascadeTwoTower, data: EvaluationData, stage: int) -> t
         return (model.stage_query(users, stage) if not getattr(model, "per_stage_forward", False)
                 else users), items
     current = model.stage
-    saved = [w.numpy() for w in model.weights]
+    # Variables only: the id lookups' vocabularies also appear in model.weights (as handlers that
+    # checkpoints use) and do not change between stages.
+    variables = [w for w in model.weights if isinstance(w, tf.Variable)]
+    saved = [w.numpy() for w in variables]
     try:
         model.set_stage(stage)
         return (model.user_vectors(data.users.as_inputs(USER_ID)),
                 model.item_vectors(data.items.as_inputs(ITEM_ID)))
     finally:
-        for variable, value in zip(model.weights, saved):
+        for variable, value in zip(variables, saved):
             variable.assign(value)
         model.set_stage(current)
 
