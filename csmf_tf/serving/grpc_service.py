@@ -1,6 +1,8 @@
 """TF Serving's gRPC services (PredictionService, ModelService) over :class:`PredictionCore`.
 
 Any stock TF Serving client (``prediction_service_pb2_grpc.PredictionServiceStub``) works unchanged.
+The services are coroutines on a ``grpc.aio`` server (:class:`GrpcServer`) with its own event-loop
+thread, so waiting requests hold no threads; the model runs in the batching thread.
 """
 from __future__ import annotations
 
