@@ -1,11 +1,13 @@
 """String id -> row index lookup for towers with large vocabularies."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import tensorflow as tf
 
 
-def string_lookup(vocabulary: np.ndarray, name: str) -> tf.keras.layers.StringLookup:
+def string_lookup(vocabulary: Sequence[str] | np.ndarray, name: str) -> tf.keras.layers.StringLookup:
     """A ``StringLookup`` (one OOV bucket at index 0, ids at ``1..len(vocabulary)``) for ``vocabulary``.
 
     The vocabulary is *set* on the layer rather than passed to its constructor. A constructor

@@ -89,8 +89,8 @@ class MaskedTower:
             masked.reinitialise_stage_units(wrapper, stage, seed + 7919 * offset)
 
 
-def _vocabulary(values: np.ndarray) -> np.ndarray:
-    return np.array(sorted({str(v) for v in values}), dtype=str)
+def _vocabulary(values: np.ndarray) -> list[str]:
+    return sorted({str(v) for v in values})
 
 
 def build_tower(name: str, id_key: str, catalog: Catalog, feature_kinds: Mapping[str, str],

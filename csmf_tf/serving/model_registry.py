@@ -29,7 +29,7 @@ from csmf_tf.serving.batching import BatchingOptions, RetrievalBatcher
 from csmf_tf.serving.constants import (CONFIG_ASSET, INIT_OP_SIGNATURE, RETRIEVAL_SIGNATURE, WARMUP_FILE)
 from csmf_tf.serving.errors import ServingError, clean_tf_message, from_tf_error, not_found
 from csmf_tf.serving.layout import version_dirs
-from csmf_tf.serving.signatures import SignatureInfo, numpy_dtype
+from csmf_tf.serving.signatures import SignatureInfo
 
 try:  # Register the Scann>* custom ops before any SavedModel that uses them is loaded.
     from scann import scann_ops as _scann_ops  # noqa: F401
@@ -113,7 +113,7 @@ class LoadedModel:
                     inputs[k] = sig.defaults[k]
                 elif spec.shape is not None and all(d is not None for d in spec.shape[1:]):
                     shape = [1, *spec.shape[1:]] if spec.batched else list(spec.shape)
-                    inputs[k] = np.zeros(shape, numpy_dtype(spec.dtype)) if spec.dtype != tf.string \
+                    inputs[k] = np.zeros(shape, spec.numpy_dtype) if spec.dtype != tf.string \
                         else np.full(shape, b"", dtype=object)
                 else:
                     break
