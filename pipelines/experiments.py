@@ -20,13 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import add_data_arguments, load_table, prepare
+from pipelines.common import add_data_arguments, load_table
 
+from csmf_tf.data.prepared import prepare
 from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.data.table import InteractionTable
 from csmf_tf.experiments.methods import Context, HyperParams, registry
 from csmf_tf.experiments.report import write_report
 from csmf_tf.experiments.runner import Budget, Progress, Runner
+from csmf_tf.metrics.protocol import EXCLUSION_RULES, SEEN
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.stages import TrainingConfig
 
@@ -52,19 +54,17 @@ MODES = {
     # CI: tiny data and towers, 2 seeds, a 2-point grid, 2-point sweeps; minutes on 2 cores.
     "quick": Mode(
         config=TrainingConfig(tower=TowerConfig(8, 4, (16,), 8), batch_size=512, max_epochs=2, patience=1,
-                              recovery_max_epochs=1, min_output_units=2, tau=(0.3, 0.3), eta=0.5),
+                              recovery_max_epochs=1, min_output_units=2, tau=(0.3, 0.3), eta=0.0),
         budget=Budget(grid=_grid((3e-3,), (0.1,)), seeds=(0, 1), tau_values=(0.15, 0.3),
                       eta_values=(0.0, 0.5), fusion_values=(0.0, 1.0, 4.0)),
         num_experts=2, max_users=300, synthetic_size=(200, 120, 3000), eager=True),
-    # The committed reports: the method's default towers (section 9), 3 seeds, a 2 x 2 grid by default.
-    # Synthetic gets 2 points (lr 3e-3, two temperatures) so its run stays near an hour of CPU time;
-    # Beibei gets 4 including the library defaults (lr 1e-3, T 0.05): 48 minutes on 2 cores
-    # (docs/experiments.md tells why the grid was widened).
+    # The committed reports: the method's default towers (section 9), 3 seeds, a 2-point grid. Every fit
+    # runs until early stopping decides (the epoch cap is far above where any method stopped).
     "full": Mode(
-        config=TrainingConfig(batch_size=1024, max_epochs=10, patience=2, recovery_max_epochs=3,
-                              tau=(0.3, 0.3), eta=0.5),
+        config=TrainingConfig(batch_size=1024, max_epochs=40, patience=2, recovery_max_epochs=3,
+                              tau=(0.3, 0.3), eta=0.0),
         budget=Budget(grid=_grid((1e-3, 3e-3), (0.05, 0.1)), seeds=(0, 1, 2),
-                      tau_values=(0.1, 0.2, 0.3, 0.45, 0.6), eta_values=(0.0, 0.25, 0.5, 1.0, 2.0),
+                      tau_values=(0.1, 0.3, 0.6), eta_values=(0.0, 0.25, 0.5, 1.0),
                       fusion_values=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)),
         dataset_grids={"synthetic": _grid((3e-3,), (0.05, 0.1)), "beibei": _grid((1e-3, 3e-3), (0.05, 0.5))}),
 }
@@ -108,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="checkpoint scratch folder (default: a temporary folder)")
     parser.add_argument("--study", action="store_true",
                         help="instead of the experiments: the popularity tuning study (study.md, study.json)")
+    parser.add_argument("--exclusion", choices=EXCLUSION_RULES, default=SEEN,
+                        help="pairs left out of each user's ranking: every training (and, for test, validation) "
+                             "pair ('seen', default) or only the objective's positives ('objective')")
+    parser.add_argument("--no-prior", action="store_true", help="score every method without the popularity prior")
     parser.add_argument("--threads", type=int, help="TensorFlow intra- and inter-op threads (default: all)")
     parser.add_argument("--verbose", type=int, default=0)
     return parser.parse_args(argv)
@@ -116,10 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, TrainingConfig, Budget]:
     mode = MODES[args.mode]
     floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
-    config = dataclasses.replace(mode.config, objectives=tuple(table.objectives),
-                                 fusion_weights=(1.0,) * len(table.objectives))
-    if len(config.tau) != len(table.objectives) - 1:
-        config = dataclasses.replace(config, tau=(config.tau[0],) * (len(table.objectives) - 1))
+    stages = len(table.objectives)
+    config = dataclasses.replace(mode.config, objectives=tuple(table.objectives), fusion_weights=(1.0,) * stages,
+                                 tau=(mode.config.tau[0],) * (stages - 1))
     if args.max_epochs:
         config = dataclasses.replace(config, max_epochs=args.max_epochs)
     if args.output_dim:
@@ -131,6 +134,8 @@ def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, 
     budget = dataclasses.replace(budget, grid=_grid(grid_lr, grid_t))
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.no_prior:
+        budget = dataclasses.replace(budget, prior_grid=())
     if args.no_sweeps:
         budget = dataclasses.replace(budget, tau_values=(), eta_values=(), fusion_values=())
     return mode, config, budget
@@ -157,16 +162,16 @@ def main(argv=None) -> dict:
         tf.config.run_functions_eagerly(True)
     table = load(args, mode)
     mode, config, budget = configure(args, table)
-    data = prepare(table, seed=args.data_seed)
+    data = prepare(table, seed=args.data_seed, exclusion=args.exclusion)
     if args.study:
         return run_study_command(args, data, config, budget, started, progress, argv)
-    methods = registry(config.objectives)
+    methods = registry(config.objectives, config.eta)
     if args.methods:
         wanted = set(args.methods.split(","))
         unknown = wanted - {m.name for m in methods}
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m.name for m in methods]}")
-        wanted |= {p for m in methods if m.name in wanted for p in m.parts}
+        wanted |= {p for m in methods if m.name in wanted for p in m.parts + ((m.same_runs_as,) if m.same_runs_as else ())}
         methods = [m for m in methods if m.name in wanted]
     context = Context(data, config, num_experts=mode.num_experts,
                       work_dir=Path(args.work_dir) if args.work_dir else None, verbose=args.verbose)
@@ -175,6 +180,7 @@ def main(argv=None) -> dict:
     result = Runner(context, methods, budget, progress).run()
     result.update({
         "dataset": args.dataset, "mode": args.mode, "objectives": list(config.objectives),
+        "exclusion": data.validation.exclusion,
         "command": "python -m pipelines.experiments " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
         "seconds": time.time() - started,

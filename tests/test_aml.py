@@ -26,15 +26,17 @@ def test_eta_zero_equals_tfrs_retrieval(accidental):
     assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
-def _reference_loss(q, c, up, temperature, margin_of_p):
+def _reference_loss(q, c, up, temperature, margin_of_p, keep=None):
+    """The AML formula in numpy: margin in logit units, removed candidates (keep = 0) left out."""
     qn, cn, un = q.numpy(), c.numpy(), up.numpy()
+    if keep is not None:
+        cn = cn[np.asarray(keep, bool)]
     upstream = un @ cn.T / temperature
     p_up = np.exp(upstream - upstream.max(1, keepdims=True))
     p_up = p_up / p_up.sum(1, keepdims=True)
     margin = margin_of_p(np.diag(p_up[:, :len(qn)]))
-    logits = qn @ cn.T
+    logits = qn @ cn.T / temperature
     logits[np.arange(len(qn)), np.arange(len(qn))] -= margin
-    logits /= temperature
     logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     return float((logz - np.diag(logits[:, :len(qn)])).sum())
 
@@ -62,3 +64,21 @@ def test_pluggable_margin_function():
     task = AdaptiveMarginRetrieval(eta=1.0, temperature=0.2, margin_fn=lambda p: 2.0 * p ** 2)
     loss = float(task(q, c, upstream_query_embeddings=up))
     assert loss == pytest.approx(_reference_loss(q, c, up, 0.2, lambda p: 2.0 * p ** 2), rel=1e-5)
+
+
+def test_margin_is_in_logit_units_at_any_temperature():
+    # The same eta lowers the positive logit by the same number of nats at T = 0.05 and T = 0.5.
+    q, c, up, _, _ = _batch(4)
+    for temperature in (0.05, 0.5):
+        loss = float(AdaptiveMarginRetrieval(eta=0.5, temperature=temperature)(q, c, upstream_query_embeddings=up))
+        assert loss == pytest.approx(_reference_loss(q, c, up, temperature, lambda p: 0.5 * (1 - p)), rel=1e-5)
+
+
+def test_masked_candidates_leave_both_softmaxes():
+    q, c, up, _, _ = _batch(5)
+    keep = np.ones(c.shape[0], np.float32)
+    keep[[7, 8]] = 0.0     # two of the three extra candidates removed
+    task = AdaptiveMarginRetrieval(eta=1.0, temperature=0.2, remove_accidental_hits=False)
+    masked = float(task(q, c, upstream_query_embeddings=up, candidate_mask=tf.constant(keep)))
+    assert masked == pytest.approx(_reference_loss(q, c, up, 0.2, lambda p: 1.0 * (1 - p), keep), rel=1e-5)
+    assert masked != pytest.approx(float(task(q, c, upstream_query_embeddings=up)), rel=1e-3)

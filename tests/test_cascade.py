@@ -6,12 +6,12 @@ import pytest
 import tensorflow as tf
 
 from csmf_tf.data.synthetic import generate_cascade
-from csmf_tf.models.cascade import ITEM_ID, USER_ID
+from csmf_tf.data.features import ITEM_ID, USER_ID
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training import checkpoints
 from csmf_tf.training.evaluation import evaluate_model
 from csmf_tf.training.stages import TrainingConfig, build_model, run_cascade
-from pipelines.common import prepare
+from csmf_tf.data.prepared import prepare
 
 CONFIG = TrainingConfig(tower=TowerConfig(16, 4, (32,), 16), max_epochs=4, patience=2,
                         recovery_max_epochs=2, batch_size=256, min_output_units=2, tau=(0.3, 0.3),

@@ -13,12 +13,13 @@ from csmf_tf.data.streaming import HardNegativeIndex, TFRecordSource
 from csmf_tf.data.synthetic import (generate_cascade, read_tfrecord, schema_path, write_cascade_tfrecord,
                                     write_tfrecord)
 from csmf_tf.data.table import Catalog
-from csmf_tf.data.tfdata import HARD_NEGATIVE_PREFIX, item_sampling_probabilities, make_objective_dataset
+from csmf_tf.data.features import HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_PREFIX
+from csmf_tf.data.tfdata import item_sampling_probabilities, make_objective_dataset
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.stages import TrainingConfig, build_model, fit_objective
-from pipelines.common import prepare_streaming
+from csmf_tf.data.prepared import prepare_streaming
 
-HN_KEYS = ("hard_negative_item_id", f"{HARD_NEGATIVE_PREFIX}item_category", f"{HARD_NEGATIVE_PREFIX}item_price",
+HN_KEYS = (HARD_NEGATIVE_ITEM_ID, f"{HARD_NEGATIVE_PREFIX}item_category", f"{HARD_NEGATIVE_PREFIX}item_price",
            "hard_negative_mask")
 
 
@@ -172,7 +173,7 @@ def test_hard_negatives_follow_the_cascade_rule(table, source):
         position = {i: r for r, i in enumerate(catalog.ids)}
         has = cols["hard_negative_mask"] == 1.0
         for r in range(len(has)):
-            user, negative = cols["user_id"][r].decode(), cols["hard_negative_item_id"][r].decode()
+            user, negative = cols["user_id"][r].decode(), cols[HARD_NEGATIVE_ITEM_ID][r].decode()
             assert has[r] == (user in per_user)
             if has[r]:
                 assert negative in per_user[user]
@@ -185,7 +186,7 @@ def test_hard_negatives_follow_the_cascade_rule(table, source):
         first = {u: items[index.items[index.offsets[r]]] for r, u in enumerate(users)
                  if index.offsets[r + 1] > index.offsets[r]}
         size = {u: sum(c.values()) for u, c in per_user.items()}
-        picked_first = [cols["hard_negative_item_id"][r].decode() == first[cols["user_id"][r].decode()]
+        picked_first = [cols[HARD_NEGATIVE_ITEM_ID][r].decode() == first[cols["user_id"][r].decode()]
                         for r in np.flatnonzero(has)]
         chance = [per_user[u][first[u]] / size[u] for u in (cols["user_id"][r].decode() for r in np.flatnonzero(has))]
         assert abs(np.mean(picked_first) - np.mean(chance)) < (0.04 if objective == "click" else 0.15)

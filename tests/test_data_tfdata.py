@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.data.table import Catalog, InteractionTable
+from csmf_tf.data import features
 from csmf_tf.data.tfdata import (cascade_hard_negatives, item_sampling_probabilities, make_objective_dataset,
                                  objective_columns)
 
@@ -25,7 +26,7 @@ def collect(ds):
 def test_element_spec_dtypes_and_shapes(table):
     ds = make_objective_dataset(table, "click", batch_size=64, hard_negatives=True)
     spec = ds.element_spec
-    strings = ["user_id", "user_segment", "item_id", "item_category", "hard_negative_item_id",
+    strings = ["user_id", "user_segment", "item_id", "item_category", features.HARD_NEGATIVE_ITEM_ID,
                "hard_negative/item_category"]
     floats = ["user_activity", "item_price", "candidate_sampling_probability", "hard_negative/item_price",
               "hard_negative_mask"]
@@ -35,7 +36,7 @@ def test_element_spec_dtypes_and_shapes(table):
     for k in floats:
         assert spec[k].dtype == tf.float32 and spec[k].shape.as_list() == [None], k
     plain = make_objective_dataset(table, "exposure", batch_size=64, drop_remainder=True)
-    assert "hard_negative_item_id" not in plain.element_spec
+    assert features.HARD_NEGATIVE_ITEM_ID not in plain.element_spec
     assert plain.element_spec["item_id"].shape.as_list() == [64]
 
 
@@ -114,7 +115,7 @@ def test_hard_negative_features_come_from_the_catalog(table):
     cat = table.item_catalog()
     price = dict(zip(cat.ids, cat.features["item_price"]))
     category = dict(zip(cat.ids, cat.features["item_category"]))
-    for nid, p, c in zip(data["hard_negative_item_id"], data["hard_negative/item_price"],
+    for nid, p, c in zip(data[features.HARD_NEGATIVE_ITEM_ID], data["hard_negative/item_price"],
                          data["hard_negative/item_category"]):
         assert price[nid.decode()] == p and category[nid.decode()] == c.decode()
 

@@ -10,17 +10,17 @@ import pytest
 import tensorflow as tf
 
 from csmf_tf.data.synthetic import generate_cascade
-from csmf_tf.experiments.methods import BASELINE, Context, HyperParams, Method, Trained, run_csmf
+from csmf_tf.experiments.methods import BASELINE, Context, HyperParams, Method, Trained, mixture_table, run_csmf
 from csmf_tf.experiments.runner import Budget, Progress, Runner, summarise
-from csmf_tf.experiments.training import mixture_table
-from csmf_tf.experiments.vectors import ScoringVectors, cascade_vectors, count_parameters, evaluate_vectors
-from csmf_tf.models.cascade import ITEM_ID, USER_ID
+from csmf_tf.metrics.vectors import ScoringVectors, evaluate_vectors
+from csmf_tf.training.evaluation import cascade_vectors, count_parameters
+from csmf_tf.data.features import ITEM_ID, USER_ID
 from csmf_tf.models.multitask import MMOE, SHARED_BOTTOM, build_multitask_towers
 from csmf_tf.models.towers import TowerConfig, build_tower
 from csmf_tf.training import checkpoints
 from csmf_tf.training.selective_mask import selective_mask
 from csmf_tf.training.stages import TrainingConfig, build_model
-from pipelines.common import prepare
+from csmf_tf.data.prepared import prepare
 from pipelines.experiments import MODES, load, parse_args, subsample_users
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,8 @@ def quick(tmp_path_factory):
 
 EXPECTED_METHODS = ["popularity", "popularity_exposure", "two_tower[exposure]", "two_tower[click]",
                     "two_tower[conversion]", "separate", "unified", "shared_bottom", "mmoe", "sequential",
-                    "csmf", "csmf_no_cpp", "csmf_no_aml", "csmf_no_recovery", "csmf_weight_level"]
+                    "finetuned_copies", "csmf", "csmf_no_prior", "csmf_no_cpp", "csmf_aml", "csmf_no_recovery",
+                    "csmf_weight_level"]
 
 
 def test_quick_report_has_every_method_metric_and_file(quick):
@@ -236,16 +237,18 @@ def test_quick_report_sizes_and_serving_costs(quick):
     methods = result["methods"]
     d, s = result["base_config"]["tower"]["output_dim"], len(result["objectives"])
     plain = methods["two_tower[exposure]"]["parameters"]
-    for name in ("csmf", "csmf_no_cpp", "csmf_no_aml", "csmf_no_recovery", "csmf_weight_level", "unified",
-                 "sequential", "two_tower[click]"):
+    for name in ("csmf", "csmf_no_prior", "csmf_no_cpp", "csmf_aml", "csmf_no_recovery", "csmf_weight_level",
+                 "unified", "sequential", "two_tower[click]"):
         assert methods[name]["parameters"] == plain, name
-    assert methods["separate"]["parameters"] == s * plain
+    assert methods["separate"]["parameters"] == methods["finetuned_copies"]["parameters"] == s * plain
     assert methods["shared_bottom"]["parameters"] > plain and methods["mmoe"]["parameters"] > plain
-    single = {"vector_dim": d, "ann_queries": 1, "per_objective_dim": d}
-    multi = {"vector_dim": s * d, "ann_queries": s, "per_objective_dim": d}
-    for name in ("csmf", "csmf_no_cpp", "csmf_no_aml", "csmf_no_recovery", "unified", "sequential"):
+    # The popularity prior adds S item columns to a shared index, one column to each per-objective index.
+    single = {"vector_dim": d + s, "ann_queries": 1, "per_objective_dim": d + s}
+    multi = {"vector_dim": s * (d + 1), "ann_queries": s, "per_objective_dim": d + 1}
+    for name in ("csmf", "csmf_no_cpp", "csmf_aml", "csmf_no_recovery", "unified", "sequential"):
         assert methods[name]["serving"] == single, name
-    for name in ("separate", "shared_bottom", "mmoe", "csmf_weight_level"):
+    assert methods["csmf_no_prior"]["serving"] == {"vector_dim": d, "ann_queries": 1, "per_objective_dim": d}
+    for name in ("separate", "shared_bottom", "mmoe", "csmf_weight_level", "finetuned_copies"):
         assert methods[name]["serving"] == multi, name
 
 
@@ -276,7 +279,7 @@ def test_quick_report_invariants_between_methods(quick):
             key = f"{objective}/ndcg@50"
             assert run["separate"]["stage"][key] == run[f"two_tower[{objective}]"]["stage"][key]
         # exposure is scored by the frozen stage 1: AML (stages > 1) cannot change it
-        assert run["csmf_no_aml"]["stage"]["exposure/recall@100"] == run["csmf"]["stage"]["exposure/recall@100"]
+        assert run["csmf_aml"]["stage"]["exposure/recall@100"] == run["csmf"]["stage"]["exposure/recall@100"]
         assert run["popularity_exposure"]["stage"]["exposure/ndcg@20"] == run["popularity"]["stage"]["exposure/ndcg@20"]
     sens = result["sensitivity"]
     main = m["csmf"]["runs"][0]["test"]

@@ -13,7 +13,7 @@ from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training import checkpoints
 from csmf_tf.training.stages import TrainingConfig, build_model
-from pipelines.common import prepare
+from csmf_tf.data.prepared import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["--num-users", "300", "--num-items", "200", "--num-exposures", "12000", "--data-seed", "3"]

@@ -2,7 +2,8 @@
 
 Modules: ``table`` (InteractionTable, Catalog), ``validation`` (row-checked CSV/TSV reading),
 ``adapters`` (generic CSV/TSV, Beibei, AliExpress, Ali-CCP), ``synthetic`` (cascade generator, CSV and
-TFRecord writers/readers), ``splits`` (train/val/test), ``tfdata`` (per-objective ``tf.data`` pipelines),
+TFRecord writers/readers), ``splits`` (train/val/test), ``features`` (the batch contract: every key a training batch carries), ``tfdata`` (per-objective
+``tf.data`` pipelines),
 ``streaming`` (the same pipelines streamed from TFRecord shards), ``example_encoding`` (fast Example writer).
 TensorFlow is imported lazily (only by the TFRecord and tf.data functions).
 """
@@ -14,7 +15,8 @@ from csmf_tf.data.synthetic import (DEFAULT_NUM_EXPOSURES, DEFAULT_NUM_ITEMS, DE
                                     write_csv, write_tfrecord)
 from csmf_tf.data.streaming import HardNegativeIndex, TFRecordSource
 from csmf_tf.data.table import CATEGORICAL, DEFAULT_OBJECTIVES, NUMERIC, Catalog, InteractionTable
-from csmf_tf.data.tfdata import (HARD_NEGATIVE_PREFIX, cascade_hard_negatives, item_sampling_probabilities,
+from csmf_tf.data import features
+from csmf_tf.data.tfdata import (cascade_hard_negatives, item_sampling_probabilities,
                                  make_objective_dataset, objective_columns)
 from csmf_tf.data.validation import (REASONS, BadRow, BadRowsError, LabelRule, TableSpec, ValidationReport,
                                      hash_id, read_delimited, validate_delimited)
@@ -29,6 +31,6 @@ __all__ = [
     "write_csv", "read_csv", "write_tfrecord", "read_tfrecord", "write_cascade_tfrecord", "CascadeFiles",
     "TFRecordSource", "HardNegativeIndex",
     "Splits", "split_table", "pair_hash_unit",
-    "HARD_NEGATIVE_PREFIX", "item_sampling_probabilities", "cascade_hard_negatives", "objective_columns",
+    "features", "item_sampling_probabilities", "cascade_hard_negatives", "objective_columns",
     "make_objective_dataset",
 ]

@@ -43,7 +43,9 @@ import numpy as np
 
 from csmf_tf.data.synthetic import schema_path
 from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog, InteractionTable, objective_position
-from csmf_tf.data.tfdata import HARD_NEGATIVE_PREFIX, _as_tensor_column, _catalog_rows
+from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
+                                   hard_negative)
+from csmf_tf.data.tfdata import _as_tensor_column, _catalog_rows
 
 #: Records without a ``row`` feature (other writers) are ordered after every numbered record, by position.
 _UNNUMBERED = 1 << 40
@@ -393,9 +395,9 @@ class TFRecordSource:
 
         def finish(key, serialized):
             parsed = tf.io.parse_example(serialized, spec)
-            out = {"user_id": parsed["user_id"]}
+            out = {USER_ID: parsed["user_id"]}
             out.update({k: parsed[f"user/{k}"] for k in self.user_feature_kinds})
-            out["item_id"] = parsed["item_id"]
+            out[ITEM_ID] = parsed["item_id"]
             if item_catalog is None:
                 out.update({k: parsed[f"item/{k}"] for k in self.item_feature_kinds})
             else:
@@ -405,7 +407,7 @@ class TFRecordSource:
             # -1: an item missing from the first pass' counts, i.e. the files changed since the scan.
             with tf.control_dependencies([tf.debugging.assert_non_negative(
                     p, message="item without a sampling probability: files changed since the scan?")]):
-                out["candidate_sampling_probability"] = tf.identity(p)
+                out[SAMPLING_PROBABILITY] = tf.identity(p)
             if hard is not None:
                 offsets, candidates, user_row = hard
                 u = user_row.lookup(parsed["user_id"])
@@ -418,9 +420,9 @@ class TFRecordSource:
                                           tf.maximum(count - 1, 0))
                 own = catalog_row.lookup(parsed["item_id"])
                 negative = tf.where(has, tf.cast(tf.gather(candidates, tf.where(has, pick, 0)), tf.int64), own)
-                out["hard_negative_item_id"] = tf.gather(catalog_ids, negative)
-                out.update({HARD_NEGATIVE_PREFIX + k: tf.gather(v, negative) for k, v in catalog_features.items()})
-                out["hard_negative_mask"] = tf.cast(has, tf.float32)
+                out[HARD_NEGATIVE_ITEM_ID] = tf.gather(catalog_ids, negative)
+                out.update({hard_negative(k): tf.gather(v, negative) for k, v in catalog_features.items()})
+                out[HARD_NEGATIVE_MASK] = tf.cast(has, tf.float32)
             return out
 
         files = tf.data.Dataset.from_tensor_slices(list(self.files))

@@ -7,9 +7,11 @@ element is a batch dict (``B`` = batch size; the last batch may be smaller unles
 - ``"item_id"``: ``[B]`` tf.string; every item feature, same dtypes;
 - ``"candidate_sampling_probability"``: ``[B]`` tf.float32, ``p(i) = count_t(i) / N_t`` (the item's share
   of objective ``t``'s positives), for the log-Q correction of ``tfrs.tasks.Retrieval``;
-- with ``hard_negatives=True`` (``t >= 1``): ``"hard_negative_item_id"`` ``[B]`` tf.string, its item features
+- with ``hard_negatives=True`` (``t >= 1``): ``"hard_negative/item_id"`` ``[B]`` tf.string, its item features
   under ``"hard_negative/<feature>"``, and ``"hard_negative_mask"`` ``[B]`` tf.float32 (1.0 when the row has
-  one). A *cascade hard negative* of a row (user ``u``) is an item positive for objective ``t-1`` but not
+  one).
+
+The key names are the batch contract of :mod:`csmf_tf.data.features`. A *cascade hard negative* of a row (user ``u``) is an item positive for objective ``t-1`` but not
   for ``t``, for the same user ``u`` (e.g. clicked but not bought).
 
 The pipeline shuffles row *indices* (seeded, reshuffled each epoch), batches them, then gathers columns held
@@ -21,9 +23,9 @@ from typing import Mapping
 
 import numpy as np
 
+from csmf_tf.data.features import (FLOAT_KEYS, HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ID_KEYS, ITEM_ID,
+                                   SAMPLING_PROBABILITY, USER_ID, hard_negative, strip_hard_negative)
 from csmf_tf.data.table import CATEGORICAL, Catalog, InteractionTable
-
-HARD_NEGATIVE_PREFIX = "hard_negative/"
 
 
 def item_sampling_probabilities(table: InteractionTable, objective: str | int) -> dict[str, float]:
@@ -110,10 +112,10 @@ def objective_columns(table: InteractionTable, objective: str | int, item_catalo
     probs = sampling_probabilities or item_sampling_probabilities(table, t)
     rows = np.flatnonzero(pos)
     item_ids = table.item_id[rows].astype(str).astype(object)
-    cols: dict[str, np.ndarray] = {"user_id": table.user_id[rows].astype(str).astype(object)}
+    cols: dict[str, np.ndarray] = {USER_ID: table.user_id[rows].astype(str).astype(object)}
     for k, v in table.user_features.items():
         cols[k] = v[rows]
-    cols["item_id"] = item_ids
+    cols[ITEM_ID] = item_ids
     if item_catalog is None:
         item_feats = {k: v[rows] for k, v in table.item_features.items()}
     else:
@@ -121,23 +123,23 @@ def objective_columns(table: InteractionTable, objective: str | int, item_catalo
         item_feats = {k: np.asarray(v)[crow] for k, v in item_catalog.features.items()}
     cols.update(item_feats)
     try:
-        cols["candidate_sampling_probability"] = np.array([probs[i] for i in item_ids], dtype=np.float32)
+        cols[SAMPLING_PROBABILITY] = np.array([probs[i] for i in item_ids], dtype=np.float32)
     except KeyError as e:
         raise KeyError(f"item {e.args[0]!r} has no sampling probability") from None
     if hard_negatives:
         neg_all, mask_all = cascade_hard_negatives(table, t, seed)
         neg = neg_all[rows].astype(str).astype(object)
-        cols["hard_negative_item_id"] = neg
+        cols[HARD_NEGATIVE_ITEM_ID] = neg
         catalog = item_catalog if item_catalog is not None else table.item_catalog()
         nrow = _catalog_rows(catalog, neg, "hard-negative item ids")
         for k, v in catalog.features.items():
-            cols[HARD_NEGATIVE_PREFIX + k] = np.asarray(v)[nrow]
-        cols["hard_negative_mask"] = mask_all[rows]
+            cols[hard_negative(k)] = np.asarray(v)[nrow]
+        cols[HARD_NEGATIVE_MASK] = mask_all[rows]
     return cols
 
 
 def _kind(table: InteractionTable, key: str, column: np.ndarray) -> str:
-    name = key[len(HARD_NEGATIVE_PREFIX):] if key.startswith(HARD_NEGATIVE_PREFIX) else key
+    name = strip_hard_negative(key)
     if name in table.feature_kinds:
         return table.feature_kinds[name]
     return CATEGORICAL if column.dtype == object or column.dtype.kind in "USO" else "numeric"
@@ -170,12 +172,12 @@ def make_objective_dataset(table: InteractionTable, objective: str | int, batch_
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     cols = objective_columns(table, objective, item_catalog=item_catalog, hard_negatives=hard_negatives,
                              seed=seed, sampling_probabilities=sampling_probabilities)
-    n = len(cols["user_id"])
+    n = len(cols[USER_ID])
     tensors = {}
     for key, col in cols.items():
-        if key in ("user_id", "item_id", "hard_negative_item_id"):
+        if key in ID_KEYS:
             tensors[key] = _as_tensor_column(col, CATEGORICAL)
-        elif key in ("candidate_sampling_probability", "hard_negative_mask"):
+        elif key in FLOAT_KEYS:
             tensors[key] = tf.constant(col, dtype=tf.float32)
         else:
             tensors[key] = _as_tensor_column(col, _kind(table, key, col))

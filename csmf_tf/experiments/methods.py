@@ -1,16 +1,19 @@
 """The methods of the experiments, one registry, all on the same towers, data pipeline and evaluator.
 
 Every method is a function ``train(context, hp, seed) -> Trained`` that returns the method's
-:class:`~csmf_tf.experiments.vectors.ScoringVectors` (plus parameter count and training time); the
-runner scores them with one evaluator. Families:
+:class:`~csmf_tf.metrics.vectors.ScoringVectors` (plus parameter count and training time); the
+runner scores them with one evaluator. Every fit is :func:`csmf_tf.training.fit.fit_until_best` (the
+same early stopping for every method). Families:
 
 - baselines: popularity (per objective; exposure popularity for every objective), single-objective
   two-towers (one per objective; ``separate`` combines them), the unified two-tower (mixture of all
   positives), shared-bottom and MMoE two-towers (one output vector per objective), naive sequential
   fine-tuning (one plain two-tower trained on exposure, then click, then conversion, all parameters
-  trainable);
-- CSMF and its ablations: without CPP (random units, same counts), without AML (``eta = 0``),
-  without accuracy recovery, weight-level CPP.
+  trainable), fine-tuned copies (the exposure two-tower copied and fine-tuned once per later objective:
+  no forgetting, ``S x D`` vectors, ``S x`` parameters: the upper bound CSMF approximates);
+- CSMF and its ablations/variants: without CPP (random units, same counts), with AML (``eta > 0``
+  when the default is 0, ``eta = 0`` otherwise), without accuracy recovery, weight-level CPP; the
+  runner adds "without popularity prior" rows from the same trainings.
 
 Stage 1 of every cascade-shaped method (CSMF and ablations, sequential, the exposure two-tower) is
 the same training: an ordinary two-tower fitted on exposure with the same seed. It is trained once
@@ -26,12 +29,15 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
+from csmf_tf.data.table import InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
-from csmf_tf.experiments.training import MeanValidationRecall, fit_until_best, mixture_table
-from csmf_tf.experiments.vectors import (ScoringVectors, cascade_vectors, combine, count_parameters,
-                                         evaluate_vectors, multivector_vectors, popularity_scoring)
+from csmf_tf.metrics.vectors import ScoringVectors, combine, evaluate_vectors, popularity_scoring
 from csmf_tf.models.multitask import (MMOE, SHARED_BOTTOM, MultiVectorTwoTower, build_multitask_towers,
                                       multitask_dataset)
+from csmf_tf.training.evaluation import cascade_vectors, count_parameters, multivector_vectors
+from csmf_tf.training.fit import ValidationRecall, fit_until_best
 from csmf_tf.training.stages import TrainingConfig, build_model, fit_objective, run_cascade, run_stage
 
 # Family names (the report groups rows by them).
@@ -58,6 +64,9 @@ class Trained:
     parameters: int
     seconds: float
     logs: dict = dataclasses.field(default_factory=dict)
+    # The vectors with the popularity prior tuned on validation, and its alphas (set by the runner).
+    with_prior: ScoringVectors | None = None
+    prior_alphas: list[float] | None = None
 
 
 @dataclasses.dataclass
@@ -103,7 +112,20 @@ class Context:
 
     def single_config(self, hp: HyperParams, seed: int, objective: str) -> TrainingConfig:
         """An ordinary (one-stage) two-tower of ``objective``."""
-        return self.config(hp, seed, objectives=(objective,), tau=(), fusion_weights=(1.0,))
+        return self.config(hp, seed).single_objective(objective)
+
+    def fine_tune_config(self, hp: HyperParams, seed: int, stage: int) -> TrainingConfig:
+        """A one-stage two-tower fine-tuned on objective ``stage`` with the batch size, learning rate
+        and epochs CSMF's stage ``stage`` gets (the same budget for every fine-tune of a later
+        objective)."""
+        config = self.config(hp, seed)
+        return dataclasses.replace(config.single_objective(self.objectives[stage - 1]),
+                                   batch_size=config.batch_size_for(stage),
+                                   learning_rate=config.learning_rate_for(stage),
+                                   max_epochs=config.max_epochs_for(stage))
+
+    def validation_score(self, objectives: Sequence[str], vectorise) -> ValidationRecall:
+        return ValidationRecall(self.data.validation, objectives, vectorise, verbose=self.verbose > 0)
 
     def build(self, config: TrainingConfig):
         # No FactorizedTopK metrics: the experiments score with the exact evaluator only.
@@ -155,7 +177,9 @@ class Method:
 
     ``select_on``: objectives whose mean validation Recall@50 picks the grid point (``None``: all);
     ``tuned``: whether it has hyperparameters (popularity has none); ``parts``: for a composite
-    method, the methods whose selected runs it combines (objective ``t`` from ``parts[t]``).
+    method, the methods whose selected runs it combines (objective ``t`` from ``parts[t]``);
+    ``prior``: scored with the popularity prior (:mod:`csmf_tf.metrics.prior`) when the budget turns
+    it on; ``same_runs_as``: a row scored from another method's runs (e.g. without the prior).
     """
 
     name: str
@@ -166,6 +190,8 @@ class Method:
     tuned: bool = True
     parts: tuple[str, ...] = ()
     description: str = ""
+    prior: bool = True
+    same_runs_as: str | None = None
 
 
 # ----- training functions -----------------------------------------------------------------------------
@@ -206,11 +232,9 @@ def train_unified(ctx: Context, hp: HyperParams, seed: int) -> Trained:
     rows = mixture_table(ctx.data.train, ctx.objectives)
     dataset = make_objective_dataset(rows, ctx.objectives[0], config.batch_size, shuffle=True, seed=seed + 1,
                                      item_catalog=ctx.data.items)
-    score = MeanValidationRecall(ctx.data.validation, ctx.objectives,
-                                 lambda m: cascade_vectors(m, ctx.data.validation, ctx.objectives),
-                                 verbose=ctx.verbose > 0)
+    score = ctx.validation_score(ctx.objectives, lambda m: cascade_vectors(m, ctx.data.validation, ctx.objectives))
     log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
-                         verbose=ctx.verbose)
+                         config.start_is_candidate, verbose=ctx.verbose)
     return Trained(cascade_vectors(model, ctx.data.validation, ctx.objectives), count_parameters(model),
                    log["seconds"], {"fit": log, "rows": len(rows)})
 
@@ -223,10 +247,9 @@ def train_multitask(architecture: str) -> TrainFn:
         model = MultiVectorTwoTower(user, item, ctx.objectives, temperature=config.temperature,
                                     remove_accidental_hits=config.remove_accidental_hits)
         dataset = multitask_dataset(ctx.data.train, ctx.objectives, config.batch_size, ctx.data.items, seed=seed)
-        score = MeanValidationRecall(ctx.data.validation, ctx.objectives,
-                                     lambda m: multivector_vectors(m, ctx.data.validation), verbose=ctx.verbose > 0)
+        score = ctx.validation_score(ctx.objectives, lambda m: multivector_vectors(m, ctx.data.validation))
         log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
-                             verbose=ctx.verbose)
+                             config.start_is_candidate, verbose=ctx.verbose)
         return Trained(multivector_vectors(model, ctx.data.validation), count_parameters(model), log["seconds"],
                        {"fit": log})
     return train
@@ -236,11 +259,11 @@ def train_sequential(ctx: Context, hp: HyperParams, seed: int) -> Trained:
     """Naive sequential fine-tuning: the stage-1 two-tower fine-tuned on each later objective in turn,
     every parameter trainable, early stopping on the current objective. Logs the validation
     Recall@50 of every objective after each step (forgetting)."""
-    config = ctx.single_config(hp, seed, ctx.objectives[0])
-    model, pre = ctx.from_pretrained(config, hp, seed)
+    model, pre = ctx.from_pretrained(ctx.single_config(hp, seed, ctx.objectives[0]), hp, seed)
     seconds = pre.seconds
     steps = [{"after": ctx.objectives[0], "fit": pre.log, "val": _val_recall(ctx, model)}]
-    for objective in ctx.objectives[1:]:
+    for stage, objective in enumerate(ctx.objectives[1:], start=2):
+        config = ctx.fine_tune_config(hp, seed, stage)
         start = time.time()
         log = fit_objective(model, ctx.data.train, objective, ctx.data.items, ctx.data.validation, config,
                             config.max_epochs, verbose=ctx.verbose)
@@ -250,10 +273,43 @@ def train_sequential(ctx: Context, hp: HyperParams, seed: int) -> Trained:
                    seconds, {"steps": steps})
 
 
+def train_finetuned_copies(ctx: Context, hp: HyperParams, seed: int) -> Trained:
+    """Fine-tuned copies: the stage-1 two-tower serves the first objective; for every later objective a
+    copy of it is fine-tuned on that objective alone, every parameter trainable. No forgetting, at
+    ``S x`` the parameters and ``S x D`` served dimensions."""
+    model, pre = ctx.from_pretrained(ctx.single_config(hp, seed, ctx.objectives[0]), hp, seed)
+    parts = [cascade_vectors(model, ctx.data.validation, ctx.objectives)]
+    parameters, seconds, fits = count_parameters(model), pre.seconds, [pre.log]
+    for stage, objective in enumerate(ctx.objectives[1:], start=2):
+        config = ctx.fine_tune_config(hp, seed, stage)
+        copy, _ = ctx.from_pretrained(config, hp, seed)
+        start = time.time()
+        fits.append(fit_objective(copy, ctx.data.train, objective, ctx.data.items, ctx.data.validation, config,
+                                  config.max_epochs, verbose=ctx.verbose))
+        seconds += time.time() - start
+        parts.append(cascade_vectors(copy, ctx.data.validation, ctx.objectives))
+        parameters += count_parameters(copy)
+    return Trained(combine(parts, ctx.objectives), parameters, seconds, {"fits": fits})
+
+
 def _val_recall(ctx: Context, model) -> dict[str, float]:
     results = evaluate_vectors(cascade_vectors(model, ctx.data.validation, ctx.objectives), ctx.data.validation,
                                ks=(50,))["stage"]
     return {o: results[f"{o}/recall@50"] for o in ctx.objectives if f"{o}/recall@50" in results}
+
+
+def mixture_table(train: InteractionTable, objectives: Sequence[str]) -> InteractionTable:
+    """The unified model's rows: every objective's positive rows, stacked (a click is an exposure row
+    *and* a click row, so deeper actions weigh more), all labelled positive for ``objectives[0]``.
+
+    Training on ``objectives[0]`` of this table is training on the mixture of all positives; the log-Q
+    sampling probabilities are then the item frequencies of the mixture.
+    """
+    mixed = InteractionTable.concat([train.take(train.positives(o)) for o in objectives])
+    labels = np.zeros_like(mixed.labels)
+    labels[:, mixed.objective_index(objectives[0])] = 1
+    mixed.labels = labels
+    return mixed
 
 
 def train_csmf(name: str, keep: bool = False, **overrides) -> TrainFn:
@@ -299,17 +355,29 @@ def run_csmf(ctx: Context, hp: HyperParams, seed: int, name: str, keep: bool = F
 
 # ----- the registry -----------------------------------------------------------------------------------
 
-def registry(objectives: Sequence[str]) -> list[Method]:
-    """Every method, in report order. Single-objective towers are named ``two_tower[<objective>]``."""
+#: The margin of the AML variant when the default is eta = 0 (logit units, see csmf_tf/tasks/aml.py).
+AML_ETA = 0.5
+
+
+def registry(objectives: Sequence[str], eta: float = 0.0) -> list[Method]:
+    """Every method, in report order. Single-objective towers are named ``two_tower[<objective>]``.
+    ``eta``: CSMF's default margin; the AML row is the other setting (``AML_ETA`` or 0)."""
     objectives = tuple(objectives)
     singles = [Method(f"two_tower[{o}]", f"two-tower ({o} only)", BASELINE, train_single(t), select_on=(o,),
                       description=f"ordinary two-tower trained on {o} positives, ranking every objective")
                for t, o in enumerate(objectives)]
+    if eta == 0.0:
+        aml = Method("csmf_aml", f"CSMF with AML (eta={AML_ETA:g})", ABLATION, train_csmf("csmf_aml", eta=AML_ETA),
+                     description=f"adaptive margin eta={AML_ETA:g} nats in stages t > 1")
+    else:
+        aml = Method("csmf_no_aml", "CSMF w/o AML (eta=0)", ABLATION, train_csmf("csmf_no_aml", eta=0.0),
+                     description="plain TFRS loss in every stage")
     return [
         Method("popularity", "popularity (per objective)", BASELINE, train_popularity(False), tuned=False,
-               description="items by their count of training positives of the objective"),
+               prior=False, description="items by their count of training positives of the objective"),
         Method("popularity_exposure", f"popularity ({objectives[0]})", BASELINE, train_popularity(True),
-               tuned=False, description=f"items by their count of {objectives[0]} positives, for every objective"),
+               tuned=False, prior=False,
+               description=f"items by their count of {objectives[0]} positives, for every objective"),
         *singles,
         Method("separate", "separate two-towers", BASELINE, parts=tuple(m.name for m in singles),
                description="one two-tower per objective, each tuned on its own objective"),
@@ -321,17 +389,21 @@ def registry(objectives: Sequence[str]) -> list[Method]:
                description="shared embeddings, experts with the tower's MLP sizes, per-objective gates and heads"),
         Method("sequential", "naive sequential fine-tuning", BASELINE, train_sequential,
                description="one two-tower fine-tuned exposure -> click -> conversion, all parameters trainable"),
+        Method("finetuned_copies", "fine-tuned copies", BASELINE, train_finetuned_copies,
+               description="the exposure two-tower copied and fine-tuned per later objective (S x D vectors)"),
         Method("csmf", "CSMF", CSMF, train_csmf("csmf", keep=True),
-               description="unit-level CPP, AML, accuracy recovery (the project's defaults)"),
+               description="unit-level CPP, accuracy recovery, popularity prior (the project's defaults)"),
+        Method("csmf_no_prior", "CSMF w/o popularity prior", ABLATION, prior=False, same_runs_as="csmf",
+               description="the CSMF runs scored without the popularity prior"),
         Method("csmf_no_cpp", "CSMF w/o CPP (random units)", ABLATION, train_csmf("csmf_no_cpp", random_selection=True),
                description="the same number of units per layer, chosen at random"),
-        Method("csmf_no_aml", "CSMF w/o AML (eta=0)", ABLATION, train_csmf("csmf_no_aml", eta=0.0),
-               description="plain TFRS loss in every stage"),
+        aml,
         Method("csmf_no_recovery", "CSMF w/o accuracy recovery", ABLATION,
                train_csmf("csmf_no_recovery", recovery=False), description="no fine-tuning after CPP"),
         Method("csmf_weight_level", "CSMF weight-level CPP", ABLATION,
-               train_csmf("csmf_weight_level", granularity="weight"),
-               description="CPP per weight (PackNet-like): one forward pass per stage, S*D serving"),
+               train_csmf("csmf_weight_level", granularity="weight", eta=0.0),
+               description="CPP per weight (PackNet-like): one forward pass per stage, S*D serving; eta = 0 "
+                           "(AML needs s_{t-1}, which weight-level ownership cannot give)"),
     ]
 
 
@@ -342,4 +414,4 @@ def combine_parts(parts: Sequence[Trained], objectives: Sequence[str]) -> Traine
 
 
 __all__ = ["BASELINE", "CSMF", "ABLATION", "HyperParams", "Trained", "Pretrained", "Context", "Method",
-           "registry", "combine_parts", "run_csmf"]
+           "registry", "combine_parts", "run_csmf", "mixture_table", "AML_ETA"]

@@ -284,8 +284,16 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
              "objectives the method serves; a single-objective tower: its own objective) is chosen; the test "
              "split is evaluated once with it. Seeds " + ", ".join(str(s) for s in budget["seeds"])
              + " retrain the chosen point; tables show mean ± sample std over seeds.",
-             "- Metrics: full-corpus Recall@K / NDCG@K, the user's training (and, for test, validation) "
-             "positives of the objective excluded, averaged over users with a positive.", ""]
+             "- Metrics: full-corpus Recall@K / NDCG@K averaged over users with a positive; "
+             + ("every training (and, for test, validation) pair of the user is excluded from each objective's "
+                "ranking (rule 'seen')" if result.get("exclusion", "objective") == "seen" else
+                "the user's training (and, for test, validation) positives of the objective are excluded (rule "
+                "'objective')") + ", for every method alike.",
+             "- Popularity prior: "
+             + ("every learned method is scored with `score_t + alpha_t log(1 + c_t(i))`, alpha_t chosen per "
+                "objective on validation from multiples " + ", ".join(f"{a:g}" for a in budget.get("prior_grid", []))
+                + " of the score/popularity scale ratio (csmf_tf/metrics/prior.py); rows marked 'w/o popularity "
+                "prior' are the same runs without it." if budget.get("prior_grid") else "off."), ""]
     lines += ["## Findings (generated from the numbers)", "", *findings(result), ""]
     lines += ["## Per-objective results (test, ranking objective t by the method's score for t)", ""]
     for objective in objectives:

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from csmf_tf.experiments.methods import Context, HyperParams, Method, Trained, combine_parts, run_csmf
-from csmf_tf.experiments.vectors import KS, evaluate_vectors, mean_metric
+from csmf_tf.metrics.prior import PRIOR_GRID, log_popularity, tune_prior
+from csmf_tf.metrics.vectors import KS, ScoringVectors, evaluate_vectors, mean_metric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,9 @@ class Budget:
 
     ``grid``: the tuning grid (the same for every trained method); ``seeds``: the first one tunes;
     ``tau_values`` / ``eta_values``: sensitivity sweeps (empty: skipped); ``fusion_values``: values
-    each fusion weight takes in turn while the others stay at the base weights.
+    each fusion weight takes in turn while the others stay at the base weights; ``prior_grid``: the
+    popularity prior's multiples (:mod:`csmf_tf.metrics.prior`) tried on validation for every learned
+    method (empty: no prior).
     """
 
     grid: tuple[HyperParams, ...]
@@ -39,9 +42,11 @@ class Budget:
     tau_values: tuple[float, ...] = ()
     eta_values: tuple[float, ...] = ()
     fusion_values: tuple[float, ...] = ()
+    prior_grid: tuple[float, ...] = PRIOR_GRID
 
     def to_json(self) -> dict:
         return {"grid": [dataclasses.asdict(h) for h in self.grid], "seeds": list(self.seeds),
+                "prior_grid": list(self.prior_grid),
                 "tau_values": list(self.tau_values), "eta_values": list(self.eta_values),
                 "fusion_values": list(self.fusion_values)}
 
@@ -85,9 +90,12 @@ class Runner:
         self.weights = tuple(context.base.fusion_weights)
         self.by_name = {m.name: m for m in self.methods}
         for m in self.methods:
-            for part in m.parts:
+            for part in m.parts + ((m.same_runs_as,) if m.same_runs_as else ()):
                 if part not in self.by_name:
-                    raise ValueError(f"{m.name} combines {part!r}, which is not among the methods")
+                    raise ValueError(f"{m.name} uses {part!r}, which is not among the methods")
+        data = context.data
+        self.log_pop = (log_popularity(data.train, context.objectives, data.items.ids)
+                        if budget.prior_grid else None)
 
     # ----- helpers ---------------------------------------------------------------------------------
     def _train(self, method: Method, hp: HyperParams, seed: int) -> Trained:
@@ -100,14 +108,33 @@ class Runner:
     def _select_on(self, method: Method) -> tuple[str, ...]:
         return method.select_on or self.ctx.objectives
 
-    def _record(self, trained: Trained, hp: HyperParams | dict, seed: int, test: bool) -> dict:
+    def _scored(self, method: Method, trained: Trained) -> ScoringVectors:
+        """What ``method`` is scored with: the vectors, with the popularity prior tuned on validation
+        when the method takes it (tuned once per training)."""
+        if not (method.prior and self.log_pop is not None):
+            return trained.vectors
+        if trained.with_prior is None:
+            trained.with_prior, trained.prior_alphas = tune_prior(
+                trained.vectors, self.log_pop, self.ctx.data.validation, self.budget.prior_grid)
+        return trained.with_prior
+
+    def _record(self, method: Method, trained: Trained, hp: HyperParams | dict, seed: int, test: bool) -> dict:
+        vectors = self._scored(method, trained)
         record = {"seed": seed, "hp": hp.key if isinstance(hp, HyperParams) else hp,
                   "seconds": trained.seconds, "parameters": trained.parameters,
-                  "serving": trained.vectors.serving(), "logs": trained.logs,
-                  "val": evaluate_vectors(trained.vectors, self.ctx.data.validation, self.weights)}
+                  "serving": vectors.serving(), "logs": trained.logs,
+                  "prior_alphas": trained.prior_alphas if vectors is trained.with_prior else None,
+                  "val": evaluate_vectors(vectors, self.ctx.data.validation, self.weights)}
         if test:
-            record["test"] = evaluate_vectors(trained.vectors, self.ctx.data.testing, self.weights)
+            record["test"] = evaluate_vectors(vectors, self.ctx.data.testing, self.weights)
         return record
+
+    def _record_derived(self, runs: dict[str, list[dict]], trained_by_name: dict[str, Trained],
+                        hp_of: Callable[[str], HyperParams | dict], seed: int) -> None:
+        for method in self.methods:
+            if method.same_runs_as in trained_by_name:
+                runs[method.name].append(self._record(method, trained_by_name[method.same_runs_as],
+                                                      hp_of(method.same_runs_as), seed, test=True))
 
     def _combine(self, method: Method, parts: dict[str, Trained]) -> Trained:
         return combine_parts([parts[p] for p in method.parts], self.ctx.objectives)
@@ -127,7 +154,7 @@ class Runner:
                 if not method.tuned and index > 0:
                     continue
                 trained = self._train(method, hp, first)
-                val = evaluate_vectors(trained.vectors, self.ctx.data.validation, ks=(50,))["stage"]
+                val = evaluate_vectors(self._scored(method, trained), self.ctx.data.validation, ks=(50,))["stage"]
                 score = mean_metric(val, self._select_on(method))
                 tuning[method.name][hp.key] = score
                 if method.name not in best or score > best[method.name][0]:
@@ -140,12 +167,13 @@ class Runner:
         first_vectors: dict[str, Trained] = {}
         for method in trained_methods:
             _, hp, trained = best[method.name]
-            runs[method.name].append(self._record(trained, hp, first, test=True))
+            runs[method.name].append(self._record(method, trained, hp, first, test=True))
             first_vectors[method.name] = trained
         for method in composites:
             trained = self._combine(method, first_vectors)
             first_vectors[method.name] = trained
-            runs[method.name].append(self._record(trained, {p: chosen[p].key for p in method.parts}, first, True))
+            runs[method.name].append(self._record(method, trained, self._part_points(method, chosen), first, True))
+        self._record_derived(runs, first_vectors, lambda name: self._point(name, chosen), first)
         self.progress("tuning done; chosen: " + ", ".join(f"{k}: {v.key}" for k, v in chosen.items()))
 
         # 3. later seeds at the chosen points (grouped by point so the stage-1 pretraining is shared).
@@ -155,11 +183,12 @@ class Runner:
                 for method in trained_methods:
                     if chosen[method.name] == hp:
                         seed_runs[method.name] = trained = self._train(method, hp, seed)
-                        runs[method.name].append(self._record(trained, hp, seed, test=True))
+                        runs[method.name].append(self._record(method, trained, hp, seed, test=True))
                 self.ctx.forget_pretrained(keep=[(h, first) for h in self.budget.grid])
             for method in composites:
-                trained = self._combine(method, seed_runs)
-                runs[method.name].append(self._record(trained, {p: chosen[p].key for p in method.parts}, seed, True))
+                seed_runs[method.name] = trained = self._combine(method, seed_runs)
+                runs[method.name].append(self._record(method, trained, self._part_points(method, chosen), seed, True))
+            self._record_derived(runs, seed_runs, lambda name: self._point(name, chosen), seed)
             self.progress(f"seed {seed} done")
 
         # 4. sensitivity of CSMF (first seed, its chosen point).
@@ -170,12 +199,14 @@ class Runner:
 
         methods = {}
         for method in self.methods:
+            source = method.same_runs_as or method.name
+            point = self._point(source, chosen)
             methods[method.name] = {
                 "label": method.label, "family": method.family, "description": method.description,
-                "chosen": (chosen[method.name].key if method.name in chosen and method.tuned
-                           else {p: chosen[p].key for p in method.parts} if method.parts else None),
-                "tuning": tuning.get(method.name, {}),
-                "select_on": list(self._select_on(method)),
+                "chosen": point.key if isinstance(point, HyperParams) else point,
+                "popularity_prior": bool(method.prior and self.log_pop is not None),
+                "tuning": tuning.get(source, {}),
+                "select_on": list(self._select_on(self.by_name[source])),
                 "parameters": runs[method.name][0]["parameters"],
                 "serving": runs[method.name][0]["serving"],
                 "runs": runs[method.name],
@@ -183,6 +214,16 @@ class Runner:
             }
         return {"methods": methods, "sensitivity": sensitivity, "fusion_weights": list(self.weights),
                 "ks": list(KS)}
+
+    def _part_points(self, method: Method, chosen: dict[str, HyperParams]) -> dict[str, str]:
+        return {p: chosen[p].key for p in method.parts}
+
+    def _point(self, name: str, chosen: dict[str, HyperParams]) -> HyperParams | dict | None:
+        """The chosen grid point of method ``name`` (composites: their parts'; untuned: None)."""
+        method = self.by_name[name]
+        if method.parts:
+            return self._part_points(method, chosen)
+        return chosen[name] if name in chosen and method.tuned else None
 
     def _drop_unchosen_runs(self, chosen: dict[str, HyperParams], seed: int) -> None:
         for (name, hp, run_seed), path in list(self.ctx.kept_runs.items()):
@@ -193,15 +234,18 @@ class Runner:
     # ----- sensitivity -----------------------------------------------------------------------------
     def _sweep_point(self, hp: HyperParams, seed: int, name: str, **kwargs) -> dict:
         trained = run_csmf(self.ctx, hp, seed, name, **kwargs)
-        return {"val": evaluate_vectors(trained.vectors, self.ctx.data.validation, self.weights)["stage"],
-                "test": evaluate_vectors(trained.vectors, self.ctx.data.testing, self.weights),
+        vectors = self._scored(self.by_name["csmf"], trained)
+        return {"val": evaluate_vectors(vectors, self.ctx.data.validation, self.weights)["stage"],
+                "test": evaluate_vectors(vectors, self.ctx.data.testing, self.weights),
                 "seconds": trained.seconds}
 
     def _sensitivity(self, chosen: dict[str, HyperParams], seed: int, vectors: dict[str, Trained]) -> dict:
         hp = chosen["csmf"]
         base = self.ctx.base
         source = self.ctx.kept_runs.get(("csmf", hp, seed))
-        main = {"test": evaluate_vectors(vectors["csmf"].vectors, self.ctx.data.testing, self.weights)}
+        scored = self._scored(self.by_name["csmf"], vectors["csmf"])
+        main = {"val": evaluate_vectors(scored, self.ctx.data.validation, self.weights)["stage"],
+                "test": evaluate_vectors(scored, self.ctx.data.testing, self.weights)}
         out: dict = {"hp": hp.key, "seed": seed, "base_tau": list(base.tau), "base_eta": base.eta}
         stages = len(self.ctx.objectives)
         if self.budget.tau_values and stages > 1:
@@ -242,7 +286,7 @@ class Runner:
                 weights[index] = value
                 row = {"value": value, "weights": weights}
                 for name in compared:
-                    fused = evaluate_vectors(vectors[name].vectors, self.ctx.data.testing, weights,
+                    fused = evaluate_vectors(self._scored(self.by_name[name], vectors[name]), self.ctx.data.testing, weights,
                                              ks=(50,))["fused"]
                     row[name] = fused
                 rows.append(row)

@@ -25,8 +25,9 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 from csmf_tf.data.tfdata import item_sampling_probabilities, make_objective_dataset
-from csmf_tf.experiments.training import MeanValidationRecall, fit_until_best
-from csmf_tf.experiments.vectors import cascade_vectors, evaluate_vectors, popularity_scoring
+from csmf_tf.metrics.vectors import evaluate_vectors, popularity_scoring
+from csmf_tf.training.evaluation import cascade_vectors
+from csmf_tf.training.fit import ValidationRecall, fit_until_best
 from csmf_tf.training.stages import TrainingConfig, build_model
 
 
@@ -53,8 +54,8 @@ KNOBS: dict[str, tuple] = {"dim": (16, 32, 128), "l2": (0.1, 1.0), "temperature"
 def train_tower(data, objective: str, setting: Setting, base: TrainingConfig, seed: int = 0):
     """An ordinary two-tower of ``objective`` under ``setting``; returns ``(model, fit log)``."""
     tower = dataclasses.replace(base.tower, id_embedding_dim=setting.dim, output_dim=setting.dim)
-    config = dataclasses.replace(base, objectives=(objective,), tau=(), fusion_weights=(1.0,), tower=tower,
-                                 temperature=setting.temperature, learning_rate=setting.learning_rate, seed=seed)
+    config = dataclasses.replace(base.single_objective(objective), tower=tower, temperature=setting.temperature,
+                                 learning_rate=setting.learning_rate, seed=seed)
     model = build_model(config, data.users, data.items, data.table.feature_kinds, factorized_metrics=False)
     if setting.l2:
         for tower_model, masked in ((model.user_model, model.user_tower), (model.item_model, model.item_tower)):
@@ -65,9 +66,10 @@ def train_tower(data, objective: str, setting: Setting, base: TrainingConfig, se
     probabilities = {i: p ** setting.log_q for i, p in item_sampling_probabilities(data.train, objective).items()}
     dataset = make_objective_dataset(data.train, objective, config.batch_size, shuffle=True, seed=seed + 1,
                                      item_catalog=data.items, sampling_probabilities=probabilities)
-    score = MeanValidationRecall(data.validation, (objective,),
-                                 lambda m: cascade_vectors(m, data.validation, (objective,)), verbose=False)
-    log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience)
+    score = ValidationRecall(data.validation, (objective,),
+                             lambda m: cascade_vectors(m, data.validation, (objective,)), verbose=False)
+    log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
+                         config.start_is_candidate)
     return model, log
 
 
@@ -84,10 +86,10 @@ def run_study(data, base: TrainingConfig, start: Setting, objectives: Sequence[s
             if setting.key not in tried:
                 start_time = time.time()
                 model, log = train_tower(data, objective, setting, base)
-                tried[setting.key] = {"setting": dataclasses.asdict(setting), "val_recall@50": log["best_val_mean_recall@50"],
+                tried[setting.key] = {"setting": dataclasses.asdict(setting), "val_recall@50": log["best_val_recall@50"],
                                       "epochs": log["epochs"], "seconds": time.time() - start_time,
                                       "model": model}
-                progress(f"study {objective} {setting.key}: val Recall@50 {log['best_val_mean_recall@50']:.4f} "
+                progress(f"study {objective} {setting.key}: val Recall@50 {log['best_val_recall@50']:.4f} "
                          f"(popularity {pop_val:.4f}), {log['epochs']} epochs")
             return tried[setting.key]["val_recall@50"]
 

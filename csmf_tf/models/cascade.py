@@ -21,12 +21,10 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from csmf_tf import scoring
+from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
+                                   hard_negative)
 from csmf_tf.models.towers import MaskedTower
 from csmf_tf.tasks.aml import AdaptiveMarginRetrieval, MarginFn
-
-USER_ID = "user_id"
-ITEM_ID = "item_id"
-HARD_NEGATIVE_PREFIX = "hard_negative/"
 
 
 def tower_input_names(tower: MaskedTower) -> list[str]:
@@ -71,6 +69,9 @@ class CascadeTwoTower(tfrs.Model):
                 eta=eta, margin_fn=margin_fn, temperature=temperature, metrics=metrics,
                 remove_accidental_hits=remove_accidental_hits, name=f"{objective}_retrieval"))
         self.stage = 1
+        # Weight-level ownership (set by training.stages.build_model): stage scores need one forward
+        # pass per stage instead of a query mask.
+        self.per_stage_forward = False
         self.upstream_query_mask = tf.Variable(tf.zeros([self.output_dim]), trainable=False,
                                                name="upstream_query_mask")
 
@@ -115,30 +116,42 @@ class CascadeTwoTower(tfrs.Model):
         self.stage = stage
         self.upstream_query_mask.assign(
             (self.owner_stage <= stage - 1).astype(np.float32))
+        # compute_loss reads ``self.stage`` (which task, whether hard negatives and the margin apply)
+        # while Keras traces it: drop every traced step so the next fit/evaluate traces this stage.
+        self.train_function = self.test_function = self.predict_function = None
 
     # ----- forward passes -------------------------------------------------------------------
-    def _select(self, features: Mapping[str, tf.Tensor], names: Sequence[str], prefix: str = ""):
-        return {name: features[prefix + name] for name in names}
+    def _select(self, features: Mapping[str, tf.Tensor], names: Sequence[str], hard_negatives: bool = False):
+        return {name: features[hard_negative(name) if hard_negatives else name] for name in names}
 
     def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """The current stage's loss on one batch (keys: :mod:`csmf_tf.data.features`).
+
+        In stages ``t > 1`` a batch with cascade hard negatives has ``2B`` candidates: the ``B``
+        in-batch positives, then the ``B`` hard negatives, each a candidate for every query. A row
+        without one (``hard_negative_mask = 0``) adds no candidate: its column is removed from the
+        current and the upstream softmax. Hard negatives are chosen, not drawn from the in-batch
+        distribution, so they get no log-Q correction (``p = 1``, ``log p = 0``) [ours].
+        """
         query = self.user_model(self._select(features, self.user_inputs), training=training)
         candidates = self.item_model(self._select(features, self.item_inputs), training=training)
         candidate_ids = features[ITEM_ID]
-        probability = features.get("candidate_sampling_probability")
-        if HARD_NEGATIVE_PREFIX + ITEM_ID in features and self.stage > 1:
-            # Cascade hard negatives are extra candidates for every query in the batch; they were
-            # not drawn from the in-batch distribution, so they get no log-Q correction (p = 1).
-            negatives = self.item_model(
-                self._select(features, self.item_inputs, HARD_NEGATIVE_PREFIX), training=training)
+        probability = features.get(SAMPLING_PROBABILITY)
+        candidate_mask = None
+        if HARD_NEGATIVE_ITEM_ID in features and self.stage > 1:
+            negatives = self.item_model(self._select(features, self.item_inputs, hard_negatives=True),
+                                        training=training)
             candidates = tf.concat([candidates, negatives], axis=0)
-            candidate_ids = tf.concat([candidate_ids, features[HARD_NEGATIVE_PREFIX + ITEM_ID]], 0)
+            candidate_ids = tf.concat([candidate_ids, features[HARD_NEGATIVE_ITEM_ID]], 0)
+            mask = tf.cast(features[HARD_NEGATIVE_MASK], candidates.dtype)
+            candidate_mask = tf.concat([tf.ones_like(mask), mask], axis=0)
             if probability is not None:
                 probability = tf.concat([probability, tf.ones_like(probability)], axis=0)
         upstream = query * self.upstream_query_mask if self.stage > 1 else None
         return self.tasks[self.stage - 1](
             query, candidates, candidate_sampling_probability=probability,
             candidate_ids=candidate_ids, compute_metrics=not training,
-            upstream_query_embeddings=upstream)
+            upstream_query_embeddings=upstream, candidate_mask=candidate_mask)
 
     def user_vectors(self, inputs: Mapping[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
         """``f_u`` over a dict of arrays; ``[N, D]`` float32."""

@@ -29,7 +29,8 @@ import tensorflow_recommenders as tfrs
 
 from csmf_tf.data.table import Catalog, InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
-from csmf_tf.models.cascade import ITEM_ID, USER_ID, _predict
+from csmf_tf.data.features import ITEM_ID, SAMPLING_PROBABILITY, USER_ID
+from csmf_tf.models.cascade import _predict
 from csmf_tf.models.towers import MaskedTower, TowerConfig, build_tower
 
 keras = tf.keras
@@ -164,7 +165,7 @@ class MultiVectorTwoTower(tfrs.Model):
                                          training=training)[:, t]
             losses.append(self.tasks[t](
                 query, candidates,
-                candidate_sampling_probability=features[prefixed(objective, "candidate_sampling_probability")],
+                candidate_sampling_probability=features[prefixed(objective, SAMPLING_PROBABILITY)],
                 candidate_ids=features[prefixed(objective, ITEM_ID)], compute_metrics=False))
         return tf.add_n(losses)
 

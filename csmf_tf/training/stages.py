@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_model_optimization as tfmot
 
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.data.table import Catalog, InteractionTable
@@ -22,13 +20,16 @@ from csmf_tf.data.tfdata import make_objective_dataset
 from csmf_tf.models.cascade import CascadeTwoTower
 from csmf_tf.models.towers import TowerConfig, build_tower
 from csmf_tf.training import checkpoints
-from csmf_tf.training.evaluation import EvaluationData, ValidationRecall
+from csmf_tf.metrics.protocol import EvaluationData
+from csmf_tf.training.evaluation import current_vectors
+from csmf_tf.training.fit import ValidationRecall, fit_until_best
 from csmf_tf.training.selective_mask import UNIT, WEIGHT, selective_mask
 
 
 @dataclasses.dataclass
 class TrainingConfig:
-    """Hyperparameters of a CSMF run. Fields marked [ours] are the project's choices (see README)."""
+    """Hyperparameters of a CSMF run, checked when built (:meth:`validate`). Fields marked [ours] are the
+    project's choices (see README)."""
 
     objectives: tuple[str, ...] = ("exposure", "click", "conversion")
     tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
@@ -39,14 +40,18 @@ class TrainingConfig:
     # batches and a larger step give them enough updates before early stopping. None: as stage 1.
     later_stage_batch_size: int | None = 256
     later_stage_learning_rate: float | None = None
+    later_stage_max_epochs: int | None = None
     max_epochs: int = 20
     patience: int = 2
+    # [ours] the weights a fit starts from are an early-stopping candidate (training/fit.py): a later
+    # stage can never end below s_{t-1} on validation.
+    start_is_candidate: bool = True
     # tau[t-1]: CPP threshold applied after stage t (one per stage that has a successor).
     tau: tuple[float, ...] = (0.3, 0.3)
     granularity: str = UNIT                 # [ours] unit-level CPP; "weight" for the ablation
     min_output_units: int = 4               # [ours] output dims every later stage is guaranteed
     random_selection: bool = False          # ablation "without CPP": random units, same counts
-    eta: float = 0.5                        # [ours] AML margin scale; 0 = plain TFRS loss
+    eta: float = 0.0                        # [ours] AML margin in logit units; 0 = plain TFRS loss
     zero_item_block: bool = True            # [ours] stage t starts at s_t = s_{t-1} (item block zero)
     hard_negatives: bool = True             # cascade hard negatives in stages t > 1
     recovery: bool = True                   # accuracy recovery after CPP
@@ -57,18 +62,53 @@ class TrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.objectives, self.tau = tuple(self.objectives), tuple(float(t) for t in self.tau)
+        self.fusion_weights = tuple(float(k) for k in self.fusion_weights)
         stages = len(self.objectives)
-        if stages < 1:
-            raise ValueError("objectives must not be empty")
         if len(self.tau) == 1 and stages > 2:
-            self.tau = tuple(self.tau) * (stages - 1)
-        if len(self.tau) < stages - 1:
-            raise ValueError(f"tau needs {stages - 1} values (one per stage transition), got {self.tau}")
+            self.tau = self.tau * (stages - 1)
         if len(self.fusion_weights) != stages:
-            self.fusion_weights = tuple(self.fusion_weights[:stages]) + (1.0,) * max(
-                0, stages - len(self.fusion_weights))
+            self.fusion_weights = self.fusion_weights[:stages] + (1.0,) * max(0, stages - len(self.fusion_weights))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field (the command-line flag is ``--<field with dashes>``)."""
+        stages = len(self.objectives)
+        if stages < 1 or len(set(self.objectives)) != stages:
+            raise ValueError(f"objectives must be distinct and not empty, got {self.objectives}")
+        if len(self.tau) != max(stages - 1, 0):
+            raise ValueError(f"tau needs {stages - 1} values (one per stage transition) for objectives "
+                             f"{self.objectives}, got {self.tau}")
+        bad_tau = [t for t in self.tau if not 0.0 <= t < 1.0]
+        if bad_tau:
+            raise ValueError(f"tau must be in [0, 1), got {bad_tau}")
         if self.granularity not in (UNIT, WEIGHT):
-            raise ValueError(f"granularity must be {UNIT!r} or {WEIGHT!r}")
+            raise ValueError(f"granularity must be {UNIT!r} or {WEIGHT!r}, got {self.granularity!r}")
+        if self.granularity == WEIGHT and self.eta != 0.0 and stages > 1:
+            # The margin needs s_{t-1}; with weight-level ownership the output units stay stage 1's,
+            # so no query mask gives s_{t-1} from the stage-t forward pass (it would need a second
+            # pass under stage t-1's masks).
+            raise ValueError("eta must be 0 with granularity 'weight': AML needs s_{t-1}, which weight-level "
+                             "ownership cannot compute from the stage's forward pass")
+        for name in ("batch_size", "later_stage_batch_size", "max_epochs", "later_stage_max_epochs",
+                     "recovery_max_epochs", "patience", "min_output_units"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < (0 if name == "patience" else 1)):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("temperature", "learning_rate", "later_stage_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (np.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if not 0.0 < self.recovery_fraction <= 1.0:
+            raise ValueError(f"recovery_fraction must be in (0, 1], got {self.recovery_fraction}")
+        if not all(np.isfinite(k) for k in self.fusion_weights):
+            raise ValueError(f"fusion_weights must be finite, got {self.fusion_weights}")
+
+    def single_objective(self, objective: str) -> "TrainingConfig":
+        """The same settings for an ordinary (one-stage) two-tower of ``objective``."""
+        return dataclasses.replace(self, objectives=(objective,), tau=(), fusion_weights=(1.0,))
 
     def batch_size_for(self, stage: int) -> int:
         return self.batch_size if stage == 1 or self.later_stage_batch_size is None else self.later_stage_batch_size
@@ -76,6 +116,9 @@ class TrainingConfig:
     def learning_rate_for(self, stage: int) -> float:
         return (self.learning_rate if stage == 1 or self.later_stage_learning_rate is None
                 else self.later_stage_learning_rate)
+
+    def max_epochs_for(self, stage: int) -> int:
+        return self.max_epochs if stage == 1 or self.later_stage_max_epochs is None else self.later_stage_max_epochs
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -108,43 +151,38 @@ def build_model(config: TrainingConfig, users: Catalog, items: Catalog,
     return model
 
 
+def objective_dataset(train: InteractionTable | TFRecordSource, objective: str, items: Catalog,
+                      config: TrainingConfig, stage: int, fraction: float = 1.0) -> tf.data.Dataset:
+    """Stage ``stage``'s training batches of ``objective`` (in memory or streamed from shards); cascade
+    hard negatives from stage 2 on when ``config.hard_negatives``."""
+    hard_negatives = config.hard_negatives and stage > 1
+    if isinstance(train, TFRecordSource):
+        # Streaming from shards: same element format; the recovery subset is a keyed hash of the pairs.
+        return train.objective_dataset(objective, config.batch_size_for(stage), shuffle=True,
+                                       seed=config.seed + stage, item_catalog=items,
+                                       hard_negatives=hard_negatives, fraction=fraction)
+    rows = train
+    if fraction < 1.0:
+        rng = np.random.default_rng(config.seed + stage)
+        rows = train.take(rng.random(len(train)) < fraction)
+    return make_objective_dataset(rows, objective, config.batch_size_for(stage), shuffle=True,
+                                  seed=config.seed + stage, item_catalog=items, hard_negatives=hard_negatives)
+
+
 def fit_objective(model: CascadeTwoTower, train: InteractionTable | TFRecordSource, objective: str, items: Catalog,
                   validation: EvaluationData, config: TrainingConfig, max_epochs: int,
                   fraction: float = 1.0, verbose: int = 1, backup_dir: Path | None = None) -> dict:
-    """One Keras ``fit`` of the current stage on ``objective``'s training positives.
+    """One fit (:func:`csmf_tf.training.fit.fit_until_best`) of the current stage on ``objective``'s
+    training positives, early-stopped on its validation Recall@50 (the model's current ``s_t``).
 
     ``train`` is an in-memory table or a :class:`~csmf_tf.data.streaming.TFRecordSource` (streamed
     from TFRecord shards every epoch; the rest of the stage loop is the same).
-
-    Fresh Adam (zero moments: a weight whose gradient is always zero never moves), early stopping
-    on the objective's validation Recall@50 with best-weight restore. With ``backup_dir``, Keras
-    ``BackupAndRestore`` saves every epoch there, so a killed fit resumes at its last epoch.
     """
-    if isinstance(train, TFRecordSource):
-        # Streaming from shards: same element format; the recovery subset is a keyed hash of the pairs.
-        dataset = train.objective_dataset(
-            objective, config.batch_size_for(model.stage), shuffle=True, seed=config.seed + model.stage,
-            item_catalog=items,
-            hard_negatives=config.hard_negatives and model.stage > 1, fraction=fraction)
-    else:
-        rows = train
-        if fraction < 1.0:
-            rng = np.random.default_rng(config.seed + model.stage)
-            rows = train.take(rng.random(len(train)) < fraction)
-        dataset = make_objective_dataset(
-            rows, objective, config.batch_size_for(model.stage), shuffle=True, seed=config.seed + model.stage,
-            item_catalog=items, hard_negatives=config.hard_negatives and model.stage > 1)
-    recall = ValidationRecall(validation, objective)
-    stopping = tf.keras.callbacks.EarlyStopping(monitor=recall.monitor, mode="max",
-                                                patience=config.patience, restore_best_weights=True)
-    callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), recall, stopping]
-    if backup_dir is not None:
-        callbacks.insert(0, tf.keras.callbacks.BackupAndRestore(str(backup_dir)))
-    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate_for(model.stage)))
-    start = time.time()
-    model.fit(dataset, epochs=max_epochs, verbose=verbose, callbacks=callbacks)
-    return {"objective": objective, "epochs": len(recall.history), "val_recall@50": recall.history,
-            "best_val_recall@50": max(recall.history), "seconds": time.time() - start}
+    dataset = objective_dataset(train, objective, items, config, model.stage, fraction)
+    score = ValidationRecall(validation, (objective,), lambda m: current_vectors(m, validation, (objective,)),
+                             verbose=bool(verbose))
+    return fit_until_best(model, dataset, score, config.learning_rate_for(model.stage), max_epochs,
+                          config.patience, config.start_is_candidate, backup_dir=backup_dir, verbose=verbose)
 
 
 def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRecordSource, items: Catalog,
@@ -173,7 +211,7 @@ def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRe
             model.set_stage(stage, reinitialise=stage > 1, seed=config.seed + 1000 * stage,
                         zero_item_block=config.zero_item_block)
             log = {"stage": stage, "train": fit_objective(
-                model, train, objective, items, validation, config, config.max_epochs, verbose=verbose,
+                model, train, objective, items, validation, config, config.max_epochs_for(stage), verbose=verbose,
                 backup_dir=backups / f"stage_{stage}_train")}
         if stage < model.num_stages:
             reports = selective_mask(model, stage, config.tau[stage - 1], config.granularity,

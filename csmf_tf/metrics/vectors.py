@@ -1,4 +1,4 @@
-"""Every method as query and item vectors, scored by the project's one exact evaluator.
+"""The scoring currency: every method as per-objective query and item vectors, one exact evaluator.
 
 A trained method is reduced to :class:`ScoringVectors`: for each objective ``t`` a query matrix
 ``Q_t [U, d_t]`` over the whole user catalog and an item matrix ``V_t [I, d_t]`` over the whole item
@@ -9,10 +9,10 @@ catalog, with ``score_t(u, i) = <Q_t[u], V_t[i]>``. The fused ranking of weights
             = < concat_t(k_t Q_t[u]), concat_t(V_t[i]) >      otherwise,
 
 so a method whose objectives share one item matrix (CSMF unit level, a single two-tower, popularity
-of one objective) serves every objective and any fusion from one ``D``-dimensional index with one ANN
-query; the others need ``sum_t d_t`` dimensions (or ``S`` queries of ``d_t``). Both the validation
-(tuning) and test numbers come from :func:`evaluate_vectors`, i.e.
-:func:`csmf_tf.metrics.retrieval.evaluate_retrieval` on the split's eval sets.
+of one objective) serves every objective and any fusion from one index with one ANN query; the
+others need ``sum_t d_t`` dimensions (or ``S`` queries of ``d_t``). The main job and the experiments
+score every method with :func:`evaluate_vectors`, i.e.
+:func:`csmf_tf.metrics.retrieval.evaluate_retrieval` on a split's eval sets.
 """
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from csmf_tf.metrics.popularity import popularity_counts
+from csmf_tf.metrics.protocol import EvaluationData
 from csmf_tf.metrics.retrieval import evaluate_retrieval, prefix_results
-from csmf_tf.models.cascade import ITEM_ID, USER_ID, CascadeTwoTower
-from csmf_tf.models.multitask import MultiVectorTwoTower
 from csmf_tf.data.table import InteractionTable
-from csmf_tf.training.evaluation import EvaluationData, stage_vectors
 
 KS: tuple[int, ...] = (20, 50, 100)
 
@@ -82,56 +80,27 @@ def evaluate_vectors(vectors: ScoringVectors, data: EvaluationData, fusion_weigh
     ``stage``: objective ``t`` ranked by ``score_t``; ``fused``: every objective ranked by the fused
     score (only with ``fusion_weights``).
     """
-    results: dict[str, dict[str, float]] = {"stage": {}}
-    for objective, queries, items in zip(vectors.objectives, vectors.queries, vectors.items):
-        if objective in data.eval_sets:
-            eval_set = data.eval_sets[objective]
-            results["stage"].update(prefix_results(
-                evaluate_retrieval(queries[eval_set.user_rows], items, eval_set, ks=ks), objective))
+    results: dict[str, dict[str, float]] = {"stage": _rank(vectors.objectives, vectors.queries, vectors.items,
+                                                             data, ks)}
     if fusion_weights is not None:
         queries, items = vectors.fused(fusion_weights)
-        results["fused"] = {}
-        for objective in vectors.objectives:
-            if objective in data.eval_sets:
-                eval_set = data.eval_sets[objective]
-                results["fused"].update(prefix_results(
-                    evaluate_retrieval(queries[eval_set.user_rows], items, eval_set, ks=ks), objective))
+        count = len(vectors.objectives)
+        results["fused"] = _rank(vectors.objectives, [queries] * count, [items] * count, data, ks)
     return results
+
+
+def _rank(objectives, queries, items, data: EvaluationData, ks) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for objective, q, v in zip(objectives, queries, items):
+        if objective in data.eval_sets:
+            eval_set = data.eval_sets[objective]
+            out.update(prefix_results(evaluate_retrieval(q[eval_set.user_rows], v, eval_set, ks=ks), objective))
+    return out
 
 
 def mean_metric(results: dict[str, float], objectives: Sequence[str], metric: str = "recall@50") -> float:
     """Mean of ``<objective>/<metric>`` over ``objectives`` (the tuning criterion)."""
     return float(np.mean([results[f"{o}/{metric}"] for o in objectives]))
-
-
-# ----- vectors of each kind of model -----------------------------------------------------------------
-
-def cascade_vectors(model: CascadeTwoTower, data: EvaluationData, objectives: Sequence[str]) -> ScoringVectors:
-    """A (CSMF or plain) cascade model: objective ``t`` is scored by stage ``min(t, S)``.
-
-    Unit level: ``Q_t = u * m_t`` over one shared ``V`` (so the fused query is ``u * w``, exactly
-    ``model.fused_query``). Weight level (``per_stage_forward``): one forward pass per stage, so each
-    stage has its own item matrix.
-    """
-    per_stage: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    queries, items = [], []
-    for index in range(len(objectives)):
-        stage = min(index + 1, model.num_stages)
-        if stage not in per_stage:
-            per_stage[stage] = stage_vectors(model, data, stage)
-        queries.append(per_stage[stage][0])
-        items.append(per_stage[stage][1])
-    if not getattr(model, "per_stage_forward", False):
-        items = [items[0]] * len(items)   # the same V for every stage: mark it shared
-    return ScoringVectors(tuple(objectives), queries, items)
-
-
-def multivector_vectors(model: MultiVectorTwoTower, data: EvaluationData) -> ScoringVectors:
-    """Shared-bottom / MMoE: objective ``t`` scored by output vector ``t`` of both towers."""
-    users = model.user_vectors(data.users.as_inputs(USER_ID))
-    items = model.item_vectors(data.items.as_inputs(ITEM_ID))
-    return ScoringVectors(model.objectives, [users[:, t] for t in range(len(model.objectives))],
-                          [items[:, t] for t in range(len(model.objectives))])
 
 
 def popularity_scoring(train: InteractionTable, data: EvaluationData, objectives: Sequence[str],
@@ -152,8 +121,3 @@ def combine(parts: Sequence[ScoringVectors], objectives: Sequence[str]) -> Scori
     picked = [part.objectives.index(o) for part, o in zip(parts, objectives)]
     return ScoringVectors(tuple(objectives), [p.queries[i] for p, i in zip(parts, picked)],
                           [p.items[i] for p, i in zip(parts, picked)])
-
-
-def count_parameters(model) -> int:
-    """Trainable parameters (ownership, masks and optimiser state are not parameters)."""
-    return int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
