@@ -7,7 +7,7 @@ TFRecord writers/readers), ``splits`` (train/val/test), ``features`` (the batch 
 ``streaming`` (the same pipelines streamed from TFRecord shards), ``example_encoding`` (fast Example writer).
 TensorFlow is imported lazily (only by the TFRecord and tf.data functions).
 """
-from csmf_tf.data.adapters import read_ali_ccp, read_aliexpress, read_beibei, read_generic
+from csmf_tf.data.adapters import read_ali_ccp, read_aliexpress, read_beibei, read_generic, read_movielens
 from csmf_tf.data.splits import Splits, pair_hash_unit, split_table
 from csmf_tf.data.synthetic import (DEFAULT_NUM_EXPOSURES, DEFAULT_NUM_ITEMS, DEFAULT_NUM_USERS, CascadeConfig,
                                     CascadeFiles, CascadeTruth, default_dataset, generate_cascade,
@@ -25,7 +25,7 @@ __all__ = [
     "CATEGORICAL", "NUMERIC", "DEFAULT_OBJECTIVES", "Catalog", "InteractionTable",
     "REASONS", "BadRow", "BadRowsError", "LabelRule", "TableSpec", "ValidationReport", "hash_id",
     "read_delimited", "validate_delimited",
-    "read_generic", "read_beibei", "read_aliexpress", "read_ali_ccp",
+    "read_generic", "read_beibei", "read_aliexpress", "read_ali_ccp", "read_movielens",
     "CascadeConfig", "CascadeTruth", "generate_cascade", "generate_cascade_with_truth", "default_dataset",
     "DEFAULT_NUM_USERS", "DEFAULT_NUM_ITEMS", "DEFAULT_NUM_EXPOSURES",
     "write_csv", "read_csv", "write_tfrecord", "read_tfrecord", "write_cascade_tfrecord", "CascadeFiles",
