@@ -44,7 +44,7 @@ def export_demo(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     The users are saved next to the model (``base/demo_users.npz``, with the export's settings), so
     that ``--export_dir`` can reuse a large export instead of rebuilding it on every run.
     """
-    from csmf_tf.serving.demo import build_demo_towers
+    from csmf_tf.testing.demo import build_demo_towers
     from csmf_tf.serving.export import ScannOptions, export_retrieval_model
 
     settings = {"num_items": args.num_items, "num_users": args.num_users, "dim": args.dim,
@@ -118,7 +118,7 @@ def serve_fixed_response(port_file: Path, k: int) -> None:
     import asyncio
 
     from csmf_tf.serving.constants import OUTPUT_ITEM_IDS, OUTPUT_OBJECTIVE_SCORES, OUTPUT_SCORES
-    from csmf_tf.serving.grpc_service import numpy_to_tensor_proto
+    from csmf_tf.serving.grpc_codec import numpy_to_tensor_proto
 
     response = predict_pb2.PredictResponse()
     response.model_spec.name = "csmf"

@@ -31,17 +31,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from csmf_tf.scoring import stage_query_masks  # noqa: E402
-from csmf_tf.serving.demo import benchmark_corpus  # noqa: E402
-from csmf_tf.serving.export import ScaNNIndex, ScannOptions  # noqa: E402
+from csmf_tf.testing.demo import benchmark_corpus  # noqa: E402
+from csmf_tf.serving.index import ScaNNIndex, ScannOptions, build_index  # noqa: E402
 
 
 def make_index(vectors: np.ndarray, candidates: int, options: ScannOptions) -> tuple[ScaNNIndex, float]:
     """The exporter's ScaNN layer over ``vectors``; returns ``(index, build seconds)``."""
-    params = options.resolve(len(vectors), candidates)
-    t0 = time.perf_counter()
-    index = ScaNNIndex(k=candidates, name=None, **params)
-    index.index(tf.constant(vectors))
-    return index, time.perf_counter() - t0
+    index, config = build_index(vectors, candidates, True, options)
+    return index, config["build_seconds"]
 
 
 def recall(approx: np.ndarray, truth: np.ndarray) -> float:

@@ -3,7 +3,7 @@
     python benchmarks/bench_scann.py                       # 100k and 1M items, D=64
     python benchmarks/bench_scann.py --sizes 100000 --queries 200 --out results/bench_scann.json
 
-For every corpus size: clustered item vectors (``csmf_tf.serving.demo.benchmark_corpus``), fused
+For every corpus size: clustered item vectors (``csmf_tf.testing.demo.benchmark_corpus``), fused
 queries ``u * w`` with random objective weights, exact top-100 as ground truth. The ScaNN index is
 built with the exporter's own layer (``ScaNNIndex``, a ``tfrs`` ScaNN layer) and its TF ops; the
 query-time knobs (leaves searched, candidates re-ranked) are swept on that one index, the cheapest
@@ -32,8 +32,9 @@ from scann import scann_ops  # noqa: E402
 
 from csmf_tf.data.table import Catalog  # noqa: E402
 from csmf_tf.scoring import stage_query_masks  # noqa: E402
-from csmf_tf.serving.demo import benchmark_corpus, identity_towers  # noqa: E402
-from csmf_tf.serving.export import ScaNNIndex, ScannOptions, build_serving_module  # noqa: E402
+from csmf_tf.testing.demo import benchmark_corpus, identity_towers  # noqa: E402
+from csmf_tf.serving.export import build_serving_module  # noqa: E402
+from csmf_tf.serving.index import ScaNNIndex, ScannOptions  # noqa: E402
 
 K = 100
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     extra: dict = {}
     if args.demo:
-        from csmf_tf.serving.demo import build_demo_towers
+        from csmf_tf.testing.demo import build_demo_towers
 
         d = build_demo_towers(args.num_users, args.num_items, args.dim,
                               num_clusters=max(2, int(args.num_items ** 0.5) // 2), seed=args.seed)

@@ -8,8 +8,8 @@ import numpy as np
 from pipelines.common import REPO, PreparedData
 
 from csmf_tf.models.cascade import USER_ID, CascadeTwoTower
-from csmf_tf.serving.client import serve_and_query_once
 from csmf_tf.serving.export import export_retrieval_model
+from csmf_tf.testing.smoke import serve_and_query_once
 from csmf_tf.training.checkpoints import ownership_map
 
 

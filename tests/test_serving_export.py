@@ -14,8 +14,10 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from csmf_tf.data.table import Catalog
-from csmf_tf.serving.demo import build_demo_towers, numpy_retrieval
-from csmf_tf.serving.export import (ScannOptions, _publish, export_retrieval_model, version_dirs)
+from csmf_tf.testing.demo import build_demo_towers, numpy_retrieval
+from csmf_tf.serving.export import ScannOptions, export_retrieval_model
+from csmf_tf.serving.layout import version_dirs
+from csmf_tf.serving.publish import rename_to_next_version
 
 OBJECTIVES = ("exposure", "click", "conversion")
 
@@ -263,7 +265,7 @@ def test_versions_are_numbered_and_export_is_atomic(towers, tmp_path):
         p.mkdir()
         (p / "saved_model.pb").write_bytes(b"x")
     results = []
-    threads = [threading.Thread(target=lambda p=p: results.append(_publish(p, model_dir))) for p in (a, b)]
+    threads = [threading.Thread(target=lambda p=p: results.append(rename_to_next_version(p, model_dir))) for p in (a, b)]
     for t in threads:
         t.start()
     for t in threads:

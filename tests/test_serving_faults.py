@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grp
                                      prediction_service_pb2_grpc)
 
 from csmf_tf.serving.batching import BatchingOptions
-from csmf_tf.serving.demo import build_demo_towers
+from csmf_tf.testing.demo import build_demo_towers
 from csmf_tf.serving.export import ScannOptions, export_retrieval_model
 from csmf_tf.serving.layout import parse_version, remove_stale_scratch_dirs, scratch_dir, version_dirs
 from csmf_tf.serving.server import ModelServer
@@ -215,7 +215,7 @@ def test_directory_names_that_are_not_versions_are_ignored(served, towers):
 # -- an exporter killed mid-write -------------------------------------------------------------------------------
 _EXPORT_SCRIPT = """
 import csmf_tf
-from csmf_tf.serving.demo import build_demo_towers
+from csmf_tf.testing.demo import build_demo_towers
 from csmf_tf.serving.export import ScannOptions, export_retrieval_model
 d = build_demo_towers(num_users=30, num_items=400, dim=16, num_clusters=20, seed=5)
 export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives, {base!r}, "csmf",

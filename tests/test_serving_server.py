@@ -23,14 +23,14 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_service_pb2_grpc)
 
 from csmf_tf.serving.batching import BatchingOptions, RetrievalBatcher
-from csmf_tf.serving.client import (GrpcRetrievalClient, RestRetrievalClient, ServingClientError,
-                                    serve_and_query_once)
+from csmf_tf.serving.client import GrpcRetrievalClient, RestRetrievalClient, ServingClientError
 from csmf_tf.serving.core import Limits
-from csmf_tf.serving.demo import build_demo_towers
+from csmf_tf.testing.demo import build_demo_towers
 from csmf_tf.serving.errors import ServingError
 from csmf_tf.serving.export import ScannOptions, export_retrieval_model
 from csmf_tf.serving.server import ModelServer
 from csmf_tf.serving.signatures import SignatureInfo, TensorSpecInfo
+from csmf_tf.testing.smoke import serve_and_query_once
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 256 * 1024

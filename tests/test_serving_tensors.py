@@ -6,7 +6,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from csmf_tf.serving.errors import ServingError
-from csmf_tf.serving.grpc_service import numpy_to_tensor_proto, tensor_proto_to_numpy
+from csmf_tf.serving.grpc_codec import numpy_to_tensor_proto, tensor_proto_to_numpy
 
 VALUES = [
     np.arange(6, dtype=np.float32).reshape(2, 3) / 7,

@@ -4,8 +4,10 @@
   in TF Serving's ``<base>/<name>/<version>/`` layout (atomic, verified).
 - :class:`ModelServer` (``csmf_tf.serving.server``): gRPC PredictionService / ModelService and the REST API,
   hot-swapping new versions, micro-batching, limits.
-- :class:`GrpcRetrievalClient`, :class:`RestRetrievalClient`, :func:`serve_and_query_once`
-  (``csmf_tf.serving.client``).
+- :class:`GrpcRetrievalClient`, :class:`RestRetrievalClient` (``csmf_tf.serving.client``).
+
+Test and demo support (untrained towers, a gRPC + REST smoke check, the fuzz harness) lives in
+:mod:`csmf_tf.testing`.
 
 Attributes are imported lazily so that importing a client does not pull in the exporter (TFRS) and the
 server never imports training code.
@@ -18,8 +20,8 @@ from typing import Any
 _EXPORTS = {
     "export_retrieval_model": "csmf_tf.serving.export",
     "build_serving_module": "csmf_tf.serving.export",
-    "ScannOptions": "csmf_tf.serving.export",
-    "RetrievalServingModule": "csmf_tf.serving.export",
+    "ScannOptions": "csmf_tf.serving.index",
+    "RetrievalServingModule": "csmf_tf.serving.module",
     "ModelServer": "csmf_tf.serving.server",
     "ServerOptions": "csmf_tf.serving.server",
     "BatchingOptions": "csmf_tf.serving.batching",
@@ -28,7 +30,6 @@ _EXPORTS = {
     "RestRetrievalClient": "csmf_tf.serving.client",
     "RetrievalResult": "csmf_tf.serving.client",
     "ServingClientError": "csmf_tf.serving.client",
-    "serve_and_query_once": "csmf_tf.serving.client",
 }
 
 __all__ = sorted(_EXPORTS)

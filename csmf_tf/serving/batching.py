@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from csmf_tf.serving.constants import (K_INPUT, OUTPUT_ITEM_IDS, OUTPUT_OBJECTIVE_SCORES, OUTPUT_SCORES,
                                        WEIGHTS_INPUT)
-from csmf_tf.serving.errors import ServingError, from_tf_error, invalid
+from csmf_tf.serving.errors import ServingError, from_tf_error
 from csmf_tf.serving.signatures import SignatureInfo
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,15 @@ RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 class RetrievalBatcher:
     """Queue + batching threads in front of one loaded signature (see module docstring).
 
-    ``run`` executes the signature on validated inputs (defaults filled in) and returns numpy outputs.
-    ``k_max`` / ``num_objectives`` (when known from the export config) let requests with a bad ``k`` or
-    weights fail before they join a batch.
+    ``run`` executes the signature on validated inputs (defaults filled in, see
+    :func:`csmf_tf.serving.validation.validate_request`) and returns numpy outputs.
     """
 
     def __init__(self, run: RunFn, signature: SignatureInfo, options: BatchingOptions,
-                 k_max: int | None = None, num_objectives: int | None = None, name: str = "batcher") -> None:
+                 name: str = "batcher") -> None:
         self._run = run
         self._sig = signature
         self._options = options
-        self._k_max = k_max
-        self._num_objectives = num_objectives
         self._queue: queue.Queue[_Task] = queue.Queue(maxsize=options.max_enqueued)
         self._stopping = threading.Event()
         self._active = 0                  # submit() calls waiting for a result right now
@@ -108,25 +105,10 @@ class RetrievalBatcher:
     def _prepare(self, inputs: dict[str, np.ndarray], rows: int) -> _Task:
         """Normalise a validated request: weights to [rows, S], k to an int, a compatibility key."""
         inputs = dict(inputs)
-        k = None
-        if K_INPUT in inputs:
-            k_arr = np.asarray(inputs.pop(K_INPUT))
-            if k_arr.ndim != 0:
-                raise invalid(f"{K_INPUT} must be a scalar, got shape {list(k_arr.shape)}")
-            k = int(k_arr)
-            if k < 1 or (self._k_max is not None and k > self._k_max):
-                raise invalid(f"k must be in [1, k_max={self._k_max}]; got {k}")
+        k = int(inputs.pop(K_INPUT)) if K_INPUT in inputs else None
         if WEIGHTS_INPUT in inputs:
             w = np.asarray(inputs[WEIGHTS_INPUT], np.float32)
-            s = self._num_objectives
-            if w.ndim not in (1, 2) or (s is not None and w.shape[-1] != s):
-                raise invalid(f"{WEIGHTS_INPUT} must have shape [{s}] or [batch, {s}], got {list(w.shape)}")
             s = w.shape[-1]
-            if w.ndim == 2 and w.shape[0] not in (1, rows):
-                raise invalid(f"{WEIGHTS_INPUT} must have 1 row or one row per query (batch size "
-                              f"{rows}), got {w.shape[0]}")
-            if not np.all(np.isfinite(w)):
-                raise invalid(f"{WEIGHTS_INPUT} must be finite, got {w.tolist()}")
             inputs[WEIGHTS_INPUT] = np.broadcast_to(w.reshape(-1, s), (rows, s))
         key_parts = []
         for name, value in sorted(inputs.items()):

@@ -5,13 +5,12 @@
         print(r.format())
 
 Both talk to any TF Serving-compatible server (ours, or tensorflow_model_server for the brute-force
-export). :func:`serve_and_query_once` starts our server, queries it both ways and checks they agree.
+export); neither starts one (:func:`csmf_tf.testing.smoke.serve_and_query_once` does, for a check).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import urllib.error
 import urllib.request
 from typing import Any, Mapping, Sequence
@@ -90,6 +89,16 @@ def _cast_to(inputs: dict[str, np.ndarray], dtypes: Mapping[str, tf.DType]) -> d
     return out
 
 
+def _with_fusion(inputs: dict[str, np.ndarray], weights: Sequence[float] | np.ndarray | None,
+                 k: int | None) -> dict[str, np.ndarray]:
+    """``inputs`` plus the optional ``objective_weights`` and ``k`` (the model's defaults when omitted)."""
+    if weights is not None:
+        inputs[WEIGHTS_INPUT] = np.asarray(weights, np.float32)
+    if k is not None:
+        inputs[K_INPUT] = np.asarray(k, np.int32)
+    return inputs
+
+
 def _decode_ids(arr: np.ndarray) -> list[list[str]]:
     return [[x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in row] for row in arr]
 
@@ -148,11 +157,7 @@ class GrpcRetrievalClient:
     def retrieve(self, user_inputs: Mapping[str, Any], weights: Sequence[float] | np.ndarray | None = None,
                  k: int | None = None, version: int | None = None) -> RetrievalResult:
         """Top-k items for the given user rows, fused with ``weights`` (one per objective)."""
-        inputs = _cast_to(_as_batch(user_inputs), self.input_dtypes())
-        if weights is not None:
-            inputs[WEIGHTS_INPUT] = np.asarray(weights, np.float32)
-        if k is not None:
-            inputs[K_INPUT] = np.asarray(k, np.int32)
+        inputs = _with_fusion(_cast_to(_as_batch(user_inputs), self.input_dtypes()), weights, k)
         served, out = self.predict(inputs, version=version)
         return RetrievalResult(_decode_ids(out[OUTPUT_ITEM_IDS]), out[OUTPUT_SCORES],
                                out[OUTPUT_OBJECTIVE_SCORES], self.objectives(), served)
@@ -243,12 +248,7 @@ class RestRetrievalClient:
     def retrieve(self, user_inputs: Mapping[str, Any], weights: Sequence[float] | np.ndarray | None = None,
                  k: int | None = None, version: int | None = None) -> RetrievalResult:
         """Top-k items for the given user rows, fused with ``weights`` (one per objective)."""
-        inputs = _as_batch(user_inputs)
-        if weights is not None:
-            inputs[WEIGHTS_INPUT] = np.asarray(weights, np.float32)
-        if k is not None:
-            inputs[K_INPUT] = np.asarray(k, np.int32)
-        out = self.predict(inputs, version=version)
+        out = self.predict(_with_fusion(_as_batch(user_inputs), weights, k), version=version)
         return RetrievalResult([[str(x) for x in row] for row in out[OUTPUT_ITEM_IDS]],
                                np.asarray(out[OUTPUT_SCORES], np.float32),
                                np.asarray(out[OUTPUT_OBJECTIVE_SCORES], np.float32), self.objectives(),
@@ -261,36 +261,3 @@ class RestRetrievalClient:
     def metadata(self) -> dict:
         """``GET /v1/models/<name>/metadata``."""
         return self._request(self._model_path(None) + "/metadata")
-
-
-def serve_and_query_once(base_path: str | os.PathLike, model_name: str, user_inputs: Mapping[str, Any],
-                         weights: Sequence[float] | None, k: int, verbose: bool = True) -> dict:
-    """Start the server on ephemeral ports, query it once over gRPC and once over REST, stop it.
-
-    Returns ``{"version", "grpc_port", "rest_port", "grpc": {...}, "rest": {...}, "agree": True}``;
-    raises ``RuntimeError`` if the two answers differ (same ids in the same order, scores within 1e-5).
-    """
-    from csmf_tf.serving.server import ModelServer
-
-    server = ModelServer(base_path, model_name, port=0, rest_api_port=0, poll_interval_s=0)
-    grpc_port, rest_port = server.start()
-    try:
-        with GrpcRetrievalClient(server.grpc_target, model_name) as g:
-            via_grpc = g.retrieve(user_inputs, weights, k)
-        via_rest = RestRetrievalClient(server.rest_url, model_name).retrieve(user_inputs, weights, k)
-        via_rest.version = via_grpc.version
-    finally:
-        server.stop()
-    agree = (via_grpc.item_ids == via_rest.item_ids
-             and np.allclose(via_grpc.scores, via_rest.scores, atol=1e-5)
-             and np.allclose(via_grpc.objective_scores, via_rest.objective_scores, atol=1e-5))
-    result = {"version": via_grpc.version, "grpc_port": grpc_port, "rest_port": rest_port,
-              "grpc": via_grpc.to_dict(), "rest": via_rest.to_dict(), "agree": bool(agree)}
-    if verbose:
-        print(f"model {model_name} version {via_grpc.version}: gRPC (port {grpc_port})")
-        print(via_grpc.format())
-        print(f"REST (port {rest_port}): {'same results' if agree else 'DIFFERENT results'}")
-    if not agree:
-        raise RuntimeError("gRPC and REST returned different results:\n"
-                           f"{via_grpc.format()}\nvs\n{via_rest.format()}")
-    return result

@@ -1,4 +1,9 @@
-"""Transport-independent request handling: what both the gRPC and the REST front ends call."""
+"""Transport-independent request handling: what both the gRPC and the REST front ends call.
+
+Predict (resolve model, version and signature; validate; batch or run; filter outputs), model
+metadata and model status. Metadata and status are TF Serving's own messages (``SignatureDefMap``,
+``GetModelStatusResponse``): the gRPC API returns them as they are, the REST API as their JSON.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,12 +15,15 @@ from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import grpc
 import numpy as np
-from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
 
 from csmf_tf.serving.constants import RETRIEVAL_SIGNATURE
 from csmf_tf.serving.errors import ServingError, invalid, not_found
-from csmf_tf.serving.model_registry import LoadedModel, ModelRegistry, VersionState, run_or_raise
-from csmf_tf.serving.signatures import SignatureInfo, validate_inputs
+from csmf_tf.serving.model_registry import LoadedModel, ModelRegistry, run_or_raise
+from csmf_tf.serving.signatures import SignatureInfo
+from csmf_tf.serving.validation import validate_request
+
+_STATES = get_model_status_pb2.ModelVersionStatus.State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +126,7 @@ class PredictionCore:
                 raise invalid(f"output tensor alias(es) {unknown} not found in signature "
                               f"{signature_name!r}; outputs: {sorted(sig.outputs)}")
             given = inputs(sig) if callable(inputs) else inputs
-            full, rows = validate_inputs(sig, given, self.limits.max_request_batch_size)
+            full, rows = validate_request(sig, given, self.limits.max_request_batch_size, model.info)
             batchable = signature_name == RETRIEVAL_SIGNATURE and model.batcher is not None and rows is not None
             yield _Call(model, sig, signature_name, full, rows, batchable)
 
@@ -132,13 +140,23 @@ class PredictionCore:
         return PredictResult(call.model.version, call.signature_name, outputs)
 
     def metadata(self, model_name: str, version: int | None = None, version_label: str | None = None
-                 ) -> tuple[int, dict[str, meta_graph_pb2.SignatureDef]]:
-        """``(version, SignatureDefs)`` for GetModelMetadata."""
+                 ) -> tuple[int, get_model_metadata_pb2.SignatureDefMap]:
+        """``(version, SignatureDefs)`` for GetModelMetadata; the SignatureDefs as saved."""
         self._check_model(model_name)
         with self.registry.acquire(version, version_label) as model:
-            return model.version, model.signature_defs
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            for name, sig in model.signature_defs.items():
+                sig_map.signature_def[name].CopyFrom(sig)
+            return model.version, sig_map
 
-    def status(self, model_name: str, version: int | None = None) -> list[VersionState]:
-        """Version states for GetModelStatus."""
+    def status(self, model_name: str, version: int | None = None) -> get_model_status_pb2.GetModelStatusResponse:
+        """GetModelStatus: the state of every version seen, or of ``version``."""
         self._check_model(model_name)
-        return self.registry.version_states(version)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for state in self.registry.version_states(version):
+            entry = response.model_version_status.add()
+            entry.version = state.version
+            entry.state = _STATES.Value(state.state)
+            entry.status.CopyFrom(status_pb2.StatusProto(error_code=state.error_code.value[0],
+                                                         error_message=state.error_message))
+        return response

@@ -66,7 +66,8 @@ def version_dirs(model_dir: str | os.PathLike) -> dict[int, Path]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (names created, renamed or removed in it) to stable storage."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -87,7 +88,7 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 @contextlib.contextmanager
@@ -153,5 +154,5 @@ def remove_stale_scratch_dirs(model_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-__all__ = ["MAX_VERSION", "TMP_PREFIX", "fsync_tree", "parse_version", "remove_stale_scratch_dirs",
-           "scratch_dir", "version_dirs"]
+__all__ = ["MAX_VERSION", "TMP_PREFIX", "fsync_dir", "fsync_tree", "parse_version",
+           "remove_stale_scratch_dirs", "scratch_dir", "version_dirs"]

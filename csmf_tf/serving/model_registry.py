@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -26,10 +25,11 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from csmf_tf.serving.batching import BatchingOptions, RetrievalBatcher
-from csmf_tf.serving.constants import (CONFIG_ASSET, INIT_OP_SIGNATURE, RETRIEVAL_SIGNATURE, WARMUP_FILE)
+from csmf_tf.serving.constants import INIT_OP_SIGNATURE, MODEL_INFO_SIGNATURE, RETRIEVAL_SIGNATURE, WARMUP_FILE
 from csmf_tf.serving.errors import ServingError, clean_tf_message, from_tf_error, not_found
 from csmf_tf.serving.layout import version_dirs
 from csmf_tf.serving.signatures import SignatureInfo
+from csmf_tf.serving.validation import ModelInfo
 
 try:  # Register the Scann>* custom ops before any SavedModel that uses them is loaded.
     from scann import scann_ops as _scann_ops  # noqa: F401
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class LoadedModel:
-    """One loaded, warmed-up version: its SavedModel, SignatureDefs, config and batcher."""
+    """One loaded, warmed-up version: its SavedModel, SignatureDefs, ``model_info`` and batcher."""
 
     def __init__(self, name: str, version: int, path: Path, batching: BatchingOptions | None) -> None:
         self.name = name
@@ -58,12 +58,9 @@ class LoadedModel:
         self.signature_defs = dict(proto.meta_graphs[0].signature_def)
         self.signatures = {k: SignatureInfo.from_proto(k, v) for k, v in self.signature_defs.items()
                            if k != INIT_OP_SIGNATURE}
-        self.config: dict = {}
-        config_path = path / "assets" / CONFIG_ASSET
-        if config_path.is_file():
-            self.config = json.loads(config_path.read_text())
         self._saved = tf.saved_model.load(str(path))
         self._functions = {k: self._saved.signatures[k] for k in self.signatures}
+        self.info = self._model_info()
         self._lock = threading.Lock()
         self._refs = 0
         self._retired = False
@@ -72,8 +69,15 @@ class LoadedModel:
         if batching is not None and RETRIEVAL_SIGNATURE in self.signatures:
             self.batcher = RetrievalBatcher(
                 lambda inputs: self.run(RETRIEVAL_SIGNATURE, inputs), self.signatures[RETRIEVAL_SIGNATURE],
-                batching, k_max=self.config.get("k_max"), num_objectives=self.config.get("num_objectives"),
-                name=f"{name}-v{version}-batcher")
+                batching, name=f"{name}-v{version}-batcher")
+
+    def _model_info(self) -> ModelInfo | None:
+        """What a CSMF export says about itself (objectives, ``k_max``); ``None`` for other SavedModels,
+        whose ``k`` and weights are then checked without bounds (:mod:`csmf_tf.serving.validation`)."""
+        sig = self.signatures.get(MODEL_INFO_SIGNATURE)
+        if sig is None or sig.inputs or not {"objectives", "k_max"} <= set(sig.outputs):
+            return None
+        return ModelInfo.from_outputs(self.run(MODEL_INFO_SIGNATURE, {}))
 
     # -- execution -----------------------------------------------------------------------------------
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,8 +2,8 @@
 
 They are *not* trained: the item tower's output is a clustered embedding (items of a category sit near
 a category centre) so that retrieval behaves like on real data (ScaNN partitions are meaningful) while
-the whole model is still a plain ``StringLookup + Embedding + Dense`` tf.keras graph. The server never
-imports this module.
+the whole model is still a plain ``StringLookup + Embedding + Dense`` tf.keras graph. Nothing in
+:mod:`csmf_tf.serving` imports this module.
 """
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ import tensorflow as tf
 
 from csmf_tf.data.table import Catalog
 from csmf_tf.layers.lookup import string_lookup
+
+
+#: The demo user tower's ``city`` vocabulary (any other city is out of vocabulary).
+DEMO_CITIES = ("paris", "lyon", "nice", "lille")
 
 
 @dataclasses.dataclass
@@ -75,7 +79,7 @@ def build_demo_towers(num_users: int = 50, num_items: int = 300, dim: int = 16, 
     rng = np.random.default_rng(seed)
     user_ids = np.array([f"u{i}" for i in range(num_users)], dtype=object)
     item_ids = np.array([f"i{i}" for i in range(num_items)], dtype=object)
-    cities = np.array(["paris", "lyon", "nice", "lille"], dtype=object)
+    cities = np.array(DEMO_CITIES, dtype=object)
     user_catalog = Catalog(user_ids, {"age": rng.uniform(18, 70, num_users).astype(np.float32),
                                       "city": cities[rng.integers(0, len(cities), num_users)]})
     item_vecs, cluster, centres = clustered_vectors(num_items, dim, num_clusters, rng, return_centres=True)
