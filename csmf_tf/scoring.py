@@ -7,8 +7,9 @@ Output dimension ``j`` is owned by stage ``s(j)`` (1-based, ``owner_stage``). Wi
     F(u, i)   = sum_t k_t * s_t(u, i)       = <u * w, v>,         w[j]   = sum_{t >= s(j)} k_t
 
 so every stage score and the fused score are inner products with a rescaled query: the item index is
-built once and the weights only scale the query (see docs/method.md, section 5). This module has no
-training code in it so that serving can import it.
+built once and the weights only scale the query (see docs/method.md, section 5). ``m_t`` is the
+active mask of stage ``t`` (:mod:`csmf_tf.masks.ownership`). This module has no training code in it
+so that serving can import it.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
+from csmf_tf.masks import ownership
+
 
 def stage_query_masks(owner_stage: np.ndarray, num_stages: int) -> np.ndarray:
     """``m[t-1, j] = 1[s(j) <= t]``; shape ``[S, D]``, float32."""
-    owner_stage = np.asarray(owner_stage)
     stages = np.arange(1, num_stages + 1)[:, None]
-    return (owner_stage[None, :] <= stages).astype(np.float32)
+    return ownership.active_mask(np.asarray(owner_stage)[None, :], stages)
 
 
 def fusion_vector(owner_stage: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -42,5 +44,5 @@ def fused_query(user_vectors: np.ndarray, owner_stage: np.ndarray, weights: Sequ
 
 def stage_queries(user_vectors: np.ndarray, owner_stage: np.ndarray, stage: int) -> np.ndarray:
     """The query whose inner product with item vectors is ``s_stage`` (1-based); ``[B, D]``."""
-    mask = np.asarray(owner_stage) <= stage
-    return np.asarray(user_vectors, dtype=np.float32) * mask[None, :].astype(np.float32)
+    mask = ownership.active_mask(owner_stage, stage)
+    return np.asarray(user_vectors, dtype=np.float32) * mask[None, :]

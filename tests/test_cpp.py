@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from csmf_tf.masks.cpp import apply_guard_rails, cpp_prune
-from csmf_tf.masks.ownership import NEVER, active_mask, dense_weight_owner, trainable_mask
 
 
 def test_uniform_layer_prunes_a_fraction_tau():
@@ -49,10 +48,3 @@ def test_bad_tau_and_values_are_refused():
     with pytest.raises(ValueError, match="non-negative"):
         cpp_prune(np.array([1.0, -1.0]), 0.3)
 
-
-def test_unit_level_owner_rules():
-    owner = dense_weight_owner(np.array([1, 2, 3]), np.array([1, 2, 3]))
-    expected = np.array([[1, 2, 3], [NEVER, 2, 3], [NEVER, NEVER, 3]])
-    np.testing.assert_array_equal(owner, expected)
-    np.testing.assert_array_equal(active_mask(owner, 2), [[1, 1, 0], [0, 1, 0], [0, 0, 0]])
-    np.testing.assert_array_equal(trainable_mask(owner, 2), [[0, 1, 0], [0, 1, 0], [0, 0, 0]])

@@ -13,7 +13,13 @@ Each layer is a tf-keras layer implementing tfmot's :class:`PrunableLayer`, and 
   zero gradient from the first step keeps Adam's moments at zero, so frozen weights stay bit-identical.
 
 Ownership itself is stored in non-trainable int32 variables (``unit_owner``, ``weight_owner``), so it
-is saved and restored with the weights in every checkpoint.
+is saved and restored with the weights in every checkpoint. Which units or weights a stage owns is
+asked of the layer (:meth:`_OwnedLayer.units_of`, :meth:`_OwnedLayer.weights_of`), which asks
+:mod:`~csmf_tf.masks.ownership`.
+
+The stage is never a Python value here: ``call`` (and the wrapper's) reads only the mask variables,
+which :func:`apply_stage` assigns, so a traced forward or training step stays correct across stages
+without being retraced.
 """
 from __future__ import annotations
 
@@ -68,6 +74,14 @@ class _OwnedLayer(keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
         """The weight whose entries carry owners (kernel or embedding table)."""
         raise NotImplementedError
 
+    def units_of(self, stage: int) -> np.ndarray:
+        """Bool ``[units]``: the units ``stage`` owns (``s(j) == stage``)."""
+        return ownership.owned_by(self.unit_owner.numpy(), stage)
+
+    def weights_of(self, stage: int) -> np.ndarray:
+        """Bool, shaped like :attr:`owned_weight`: the weights ``stage`` owns (``o(w) == stage``)."""
+        return ownership.owned_by(self.weight_owner.numpy(), stage)
+
     def get_prunable_weights(self) -> list[tf.Variable]:
         return [self.owned_weight]
 
@@ -101,6 +115,11 @@ class MaskedDense(_OwnedLayer):
     @property
     def owned_weight(self) -> tf.Variable:
         return self.kernel
+
+    def zero_units(self, units: np.ndarray) -> None:
+        """Set the kernel columns and biases of ``units`` (bool ``[units]``) to zero."""
+        self.kernel.assign(np.where(units[None, :], 0.0, self.kernel.numpy()).astype(np.float32))
+        self.bias.assign(np.where(units, 0.0, self.bias.numpy()).astype(np.float32))
 
     def call(self, inputs):
         kernel = gradient_masked(self.kernel, self.weight_gradient_mask)
@@ -185,12 +204,10 @@ def reinitialise_stage_units(wrapper: Wrapper, stage: int, seed: int) -> None:
     """Fresh initial values for the weights owned by ``stage`` (called when that stage begins)."""
     layer: MaskedLayer = wrapper.layer
     weight = layer.owned_weight
-    owned = layer.weight_owner.numpy() == stage
     initializer = (layer.kernel_initializer if isinstance(layer, MaskedDense)
                    else layer.embeddings_initializer)
     fresh = initializer.__class__.from_config({**initializer.get_config(), "seed": seed})(
         weight.shape, dtype=weight.dtype).numpy()
-    weight.assign(np.where(owned, fresh, weight.numpy()))
+    weight.assign(np.where(layer.weights_of(stage), fresh, weight.numpy()))
     if isinstance(layer, MaskedDense):
-        unit_owned = layer.unit_owner.numpy() == stage
-        layer.bias.assign(np.where(unit_owned, 0.0, layer.bias.numpy()).astype(np.float32))
+        layer.bias.assign(np.where(layer.units_of(stage), 0.0, layer.bias.numpy()).astype(np.float32))

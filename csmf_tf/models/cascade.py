@@ -23,6 +23,7 @@ import tensorflow_recommenders as tfrs
 from csmf_tf import scoring
 from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
                                    hard_negative)
+from csmf_tf.masks import ownership
 from csmf_tf.models.towers import MaskedTower
 from csmf_tf.tasks.aml import AdaptiveMarginRetrieval, MarginFn
 
@@ -110,14 +111,12 @@ class CascadeTwoTower(tfrs.Model):
             tower.apply_stage(stage)
         if reinitialise and zero_item_block:
             output = self.item_tower.output_layer
-            block = output.unit_owner.numpy() == stage
-            output.kernel.assign(np.where(block[None, :], 0.0, output.kernel.numpy()).astype(np.float32))
-            output.bias.assign(np.where(block, 0.0, output.bias.numpy()).astype(np.float32))
+            output.zero_units(output.units_of(stage))
         self.stage = stage
-        self.upstream_query_mask.assign(
-            (self.owner_stage <= stage - 1).astype(np.float32))
-        # compute_loss reads ``self.stage`` (which task, whether hard negatives and the margin apply)
-        # while Keras traces it: drop every traced step so the next fit/evaluate traces this stage.
+        self.upstream_query_mask.assign(ownership.upstream_mask(self.owner_stage, stage))
+        # The towers see the stage only through mask variables, but compute_loss reads the Python
+        # ``self.stage`` (which task, whether hard negatives and the margin apply) while Keras traces
+        # it: drop every traced step here, explicitly, so the next fit/evaluate traces this stage.
         self.train_function = self.test_function = self.predict_function = None
 
     # ----- forward passes -------------------------------------------------------------------

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from csmf_tf.masks import ownership
 from csmf_tf.masks.cpp import LayerReport, apply_guard_rails, cpp_prune
-from csmf_tf.masks.ownership import NEVER
 from csmf_tf.models.cascade import CascadeTwoTower
 
 UNIT, WEIGHT = "unit", "weight"
@@ -22,12 +22,11 @@ UNIT, WEIGHT = "unit", "weight"
 def unit_information(layer, stage: int) -> np.ndarray:
     """L1 norm of each unit's active incoming weights (a column of the kernel or embedding table)."""
     weight = np.abs(layer.owned_weight.numpy())
-    active = layer.weight_owner.numpy() <= stage
-    return (weight * active).sum(axis=0)
+    return (weight * ownership.active_mask(layer.weight_owner.numpy(), stage)).sum(axis=0)
 
 
 def _units_per_stage(owner: np.ndarray) -> dict[int, int]:
-    stages, counts = np.unique(owner[owner != NEVER], return_counts=True)
+    stages, counts = np.unique(owner[owner != ownership.NEVER], return_counts=True)
     return {int(s): int(c) for s, c in zip(stages, counts)}
 
 
@@ -43,12 +42,10 @@ def _select(information: np.ndarray, tau: float, min_free: int, rng: np.random.G
 
 def _free_units(name: str, layers: list, stage: int, tau: float, min_free: int,
                 rng: np.random.Generator | None) -> LayerReport:
-    owner = layers[0].unit_owner.numpy()
     information = sum(unit_information(layer, stage) for layer in layers)
-    candidates = np.flatnonzero(owner == stage)
+    candidates = np.flatnonzero(layers[0].units_of(stage))
     pruned = _select(information[candidates], tau, min_free, rng)
-    owner = owner.copy()
-    owner[candidates[pruned]] = stage + 1
+    owner = ownership.hand_off(layers[0].unit_owner.numpy(), candidates[pruned], stage)
     for layer in layers:
         layer.unit_owner.assign(owner)
     return LayerReport(name, UNIT, len(candidates), int(pruned.sum()),
@@ -58,16 +55,14 @@ def _free_units(name: str, layers: list, stage: int, tau: float, min_free: int,
 
 def _free_weights(layer, stage: int, tau: float, min_free: int,
                   rng: np.random.Generator | None) -> LayerReport:
-    owner = layer.weight_owner.numpy()
     magnitude = np.abs(layer.owned_weight.numpy())
-    candidates = np.flatnonzero(owner == stage)
+    candidates = np.flatnonzero(layer.weights_of(stage))
     values = magnitude.ravel()[candidates]
     pruned = _select(values, tau, min_free, rng)
-    flat = owner.ravel().copy()
-    flat[candidates[pruned]] = stage + 1
-    layer.weight_owner.assign(flat.reshape(owner.shape))
+    owner = ownership.hand_off(layer.weight_owner.numpy(), candidates[pruned], stage)
+    layer.weight_owner.assign(owner)
     return LayerReport(layer.name, WEIGHT, len(candidates), int(pruned.sum()), float(values.sum()),
-                       float(values[pruned].sum()), _units_per_stage(flat))
+                       float(values[pruned].sum()), _units_per_stage(owner))
 
 
 def selective_mask(model: CascadeTwoTower, stage: int, tau: float, granularity: str = UNIT,
