@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from csmf_tf.scoring import fusion_scales_tf  # noqa: E402
+
 
 def export_demo(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     """Export untrained demo towers (clustered items) with the ScaNN index; returns the version and users.
@@ -253,7 +255,7 @@ def served_recall(version_dir: Path, users: dict, k: int = 100, queries: int = 2
     served = loaded.signatures["serving_default"](**features, objective_weights=tf.constant(weights),
                                                   k=tf.constant(k, tf.int32))["item_ids"].numpy()
     u = loaded.signatures["user_embedding"](**features)["user_embedding"]
-    query = u * tf.matmul(weights, loaded.stage_masks)
+    query = u * fusion_scales_tf(weights, loaded.stage_masks)
     exact = np.concatenate([tf.math.top_k(tf.matmul(query[i:i + 50], loaded.item_vectors, transpose_b=True),
                                           k).indices.numpy() for i in range(0, len(rows), 50)])
     ids = loaded.item_ids.numpy()

@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 from scann import scann_ops  # noqa: E402
 
 from csmf_tf.data.table import Catalog  # noqa: E402
-from csmf_tf.scoring import stage_query_masks  # noqa: E402
+from csmf_tf.scoring import fusion_scales, stage_query_masks  # noqa: E402
 from csmf_tf.testing.demo import benchmark_corpus, identity_towers  # noqa: E402
 from csmf_tf.serving.export import build_serving_module  # noqa: E402
 from csmf_tf.serving.index import ScaNNIndex, ScannOptions  # noqa: E402
@@ -41,8 +41,7 @@ K = 100
 
 def fused_queries(users: np.ndarray, weights: np.ndarray, owner_stage: np.ndarray) -> np.ndarray:
     """``u * w`` with ``w = k @ M`` (csmf_tf.scoring), one weight vector per query."""
-    masks = stage_query_masks(owner_stage, weights.shape[1])
-    return (users * (weights @ masks)).astype(np.float32)
+    return (users * fusion_scales(weights, stage_query_masks(owner_stage, weights.shape[1]))).astype(np.float32)
 
 
 def exact_top_k(queries: np.ndarray, items: tf.Tensor, k: int = K, chunk: int = 64) -> np.ndarray:

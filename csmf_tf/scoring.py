@@ -46,3 +46,22 @@ def stage_queries(user_vectors: np.ndarray, owner_stage: np.ndarray, stage: int)
     """The query whose inner product with item vectors is ``s_stage`` (1-based); ``[B, D]``."""
     mask = ownership.active_mask(owner_stage, stage)
     return np.asarray(user_vectors, dtype=np.float32) * mask[None, :]
+
+
+def fusion_scales(weights: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-query fusion scales ``W = K M``: ``[B, S] x [S, D] -> [B, D]`` (numpy)."""
+    return np.asarray(weights, np.float64) @ np.asarray(masks, np.float64)
+
+
+def fusion_scales_tf(weights, masks):
+    """:func:`fusion_scales` in TensorFlow (the exported graph): ``tf.matmul(K, M)``."""
+    import tensorflow as tf
+
+    return tf.matmul(weights, masks)
+
+
+def stage_scores_tf(products, masks):
+    """Stage scores from element-wise products ``u * v`` (``[..., D]``): ``[..., S]`` (TensorFlow)."""
+    import tensorflow as tf
+
+    return tf.einsum("...d,td->...t", products, masks)

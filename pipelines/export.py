@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
                               num_clusters=max(2, int(args.num_items ** 0.5) // 2), seed=args.seed)
         user_model, item_model, catalog = d.user_model, d.item_model, d.item_catalog
         owner, objectives, weights = d.owner_stage, d.objectives, None
+        prior, granularity = None, "unit"
         extra["training_config.json"] = {"demo": True, "num_users": args.num_users,
                                          "num_items": args.num_items, "dim": args.dim, "seed": args.seed}
     else:
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
         b = load_tower_bundle(args.bundle)
         user_model, item_model, catalog = b.user_model, b.item_model, b.item_catalog
         owner, objectives, weights = b.owner_stage, b.objectives, b.default_weights
+        prior, granularity = b.popularity_prior, b.config.get("granularity", "unit")
         extra["training_config.json"] = b.config
     if args.weights:
         weights = [float(w) for w in args.weights.split(",")]
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
     path = export_retrieval_model(user_model, item_model, catalog, owner, objectives, args.base_path,
                                   args.model_name, default_weights=weights, k_max=args.k_max,
                                   default_k=args.default_k, use_scann=not args.brute_force,
-                                  scann_options=options, extra_assets=extra)
+                                  scann_options=options, extra_assets=extra, popularity_prior=prior,
+                                  granularity=granularity)
     config = json.loads((path / "assets" / "config.json").read_text())
     print(f"exported {path} in {time.perf_counter() - t0:.1f}s: {config['num_items']} items, D={config['dim']}, "
           f"index={config['index']}")

@@ -7,14 +7,17 @@ import numpy as np
 
 from pipelines.common import REPO, PreparedData
 
-from csmf_tf.models.cascade import USER_ID, CascadeTwoTower
+from csmf_tf.data.features import USER_ID
+from csmf_tf.metrics.prior import PopularityPrior
+from csmf_tf.models.cascade import CascadeTwoTower
 from csmf_tf.serving.export import export_retrieval_model
 from csmf_tf.testing.smoke import serve_and_query_once
 from csmf_tf.training.checkpoints import ownership_map
 
 
 def export_and_query(model: CascadeTwoTower, data: PreparedData, config, out: Path,
-                     base_path: Path = REPO / "saved_models", model_name: str = "csmf") -> dict:
+                     prior: PopularityPrior | None = None, base_path: Path = REPO / "saved_models",
+                     model_name: str = "csmf") -> dict:
     """Export ``model`` as the next version of ``<base_path>/<model_name>`` (ScaNN index over every
     item), then start the server on ephemeral 127.0.0.1 ports, send one gRPC and one REST query with
     the configured fusion weights, check they agree, and stop the server."""
@@ -23,6 +26,6 @@ def export_and_query(model: CascadeTwoTower, data: PreparedData, config, out: Pa
         model.user_model, model.item_model, data.items, model.owner_stage, model.objectives,
         base_path=base_path, model_name=model_name, default_weights=config.fusion_weights,
         extra_assets={"training_config.json": config.to_json(), "unit_ownership.json": ownership_map(model)},
-        warmup_inputs=user)
+        warmup_inputs=user, popularity_prior=prior, granularity=config.granularity)
     print(f"\nexported {version_dir}", flush=True)
     return serve_and_query_once(base_path, model_name, user, config.fusion_weights, k=10)

@@ -6,36 +6,41 @@
         --train-tfrecords 'data/big/cascade-*.tfrecord' --holdout data/big/cascade_holdout.tfrecord
                                                                      # stream the training rows from shards
 
-Each stage writes runs/<name>/stage_<t>/ (weights, ownership.json, config.json, metrics.json); the
-run ends with test metrics (results.json), ownership pictures (ownership_<tower>.png) and an export
+Each stage writes runs/<name>/stage_<t>/ (weights, ownership.json, config.json, metrics.json) and its
+TensorBoard logs to runs/<name>/tensorboard/stage_<t>/ (`tensorboard --logdir runs/<name>/tensorboard`);
+the run ends with test metrics (results.json), ownership pictures (ownership_<tower>.png) and an export
 bundle (bundle/: `python -m pipelines.export --bundle runs/<name>/bundle`).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 from pathlib import Path
 
-from pipelines.common import (PreparedData, add_data_arguments, add_streaming_arguments, load_holdout, load_table,
-                              prepare, prepare_streaming)
+from pipelines.common import (add_data_arguments, add_output_arguments, add_streaming_arguments, check_objectives,
+                              check_prepared, configure_output, load_holdout, load_table)
 
 import tensorflow as tf
 
+from csmf_tf.data.prepared import prepare, prepare_streaming
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.metrics.retrieval import format_results_table
-from csmf_tf.plots import plot_cpp_information, plot_ownership
-from csmf_tf.serving.bundle import save_tower_bundle
-from csmf_tf.training.checkpoints import completed_stages, stage_dir
-from csmf_tf.training.evaluation import evaluate_model
-from csmf_tf.training.stages import TrainingConfig, build_model, run_cascade
+from csmf_tf.training.run import train_csmf
+from csmf_tf.training.stages import TrainingConfig
+
+
+DEFAULTS = TrainingConfig()
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--objectives", default="exposure,click,conversion")
     group.add_argument("--tau", default="0.3", help="CPP threshold per stage transition, comma-separated")
-    group.add_argument("--eta", type=float, default=0.5, help="AML margin scale (0: plain TFRS loss)")
+    group.add_argument("--eta", type=float, default=DEFAULTS.eta,
+                       help="AML margin in logit units (nats) on the positive of stages t > 1 (0: plain TFRS loss)")
+    group.add_argument("--no-popularity-prior", action="store_true",
+                       help="score and serve s_t without the popularity prior alpha_t log(1 + c_t(i))")
+    group.add_argument("--no-start-candidate", action="store_true",
+                       help="early stopping ignores the weights a fit starts from (Keras' own rule)")
     group.add_argument("--granularity", default="unit", choices=["unit", "weight"])
     group.add_argument("--min-output-units", type=int, default=4)
     group.add_argument("--no-recovery", action="store_true")
@@ -56,9 +61,24 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
+def floats(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated floats of a command-line flag; ``SystemExit`` naming the flag otherwise."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The :class:`TrainingConfig` of the flags; a bad value stops with the flag's name."""
+    try:
+        return _config(args)
+    except ValueError as error:
+        raise SystemExit(f"invalid training flags (--<field> with dashes): {error}") from None
+
+
+def _config(args: argparse.Namespace) -> TrainingConfig:
     from csmf_tf.models.towers import TowerConfig
-    floats = lambda text: tuple(float(x) for x in text.split(","))
     return TrainingConfig(
         objectives=tuple(args.objectives.split(",")),
         tower=TowerConfig(hidden_units=tuple(int(x) for x in args.hidden_units.split(",") if x),
@@ -66,37 +86,12 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         temperature=args.temperature, learning_rate=args.learning_rate, batch_size=args.batch_size,
         later_stage_batch_size=args.later_stage_batch_size,
         later_stage_learning_rate=args.later_stage_learning_rate,
-        max_epochs=args.max_epochs, patience=args.patience, tau=floats(args.tau),
+        max_epochs=args.max_epochs, patience=args.patience, tau=floats(args.tau, "--tau"),
         granularity=args.granularity, min_output_units=args.min_output_units, eta=args.eta,
         hard_negatives=not args.no_hard_negatives, recovery=not args.no_recovery,
         recovery_fraction=args.recovery_fraction, recovery_max_epochs=args.recovery_max_epochs,
-        fusion_weights=floats(args.fusion_weights), seed=args.seed)
-
-
-def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages=None, verbose: int = 1,
-               strategy=None):
-    """Run the cascade (or some stages) and evaluate the final stage's model on the test split.
-
-    With a ``tf.distribute`` strategy the model is built in its scope, so every stage's ``fit`` is
-    distributed (masks and gradient masks are ordinary variables and ops, mirrored like the rest).
-    """
-    out_dir = Path(out_dir)
-    # Forward passes outside fit (validation, test) also need the scope: the tfmot wrappers' masking
-    # op is written for replica or strategy-scope contexts.
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = build_model(config, data.users, data.items, data.table.feature_kinds)
-        run_cascade(model, data.train, data.items, data.validation, config, out_dir, stages, verbose)
-        results = evaluate_model(model, data.testing, data.table.objectives, config.fusion_weights)
-    logs = [json.loads((stage_dir(out_dir, s) / "metrics.json").read_text()) for s in completed_stages(out_dir)]
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    # Towers + item catalog + ownership, for `python -m pipelines.export --bundle <out>/bundle`.
-    save_tower_bundle(out_dir / "bundle", model.user_model, model.item_model, data.items, model.owner_stage,
-                      model.objectives, config.fusion_weights, config.to_json())
-    if model.num_stages > 1:
-        for tower in ("user", "item"):
-            plot_ownership(out_dir, tower, out_dir / f"ownership_{tower}.png")
-        plot_cpp_information(logs, out_dir / "cpp_information.png")
-    return model, logs, results
+        fusion_weights=floats(args.fusion_weights, "--fusion-weights"), seed=args.seed,
+        popularity_prior=not args.no_popularity_prior, start_is_candidate=not args.no_start_candidate)
 
 
 def worker_out_dir(out: Path, resolver) -> Path:
@@ -118,7 +113,10 @@ def main(argv=None) -> None:
     parser.add_argument("--multi-worker", action="store_true",
                         help="tf.distribute.MultiWorkerMirroredStrategy configured by TF_CONFIG; the chief "
                              "writes to --out, worker i to --out/.worker_<i>")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs under <out>/tensorboard")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    verbose = configure_output(args.verbose)
     strategy, out = None, Path(args.out)
     if args.multi_worker:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other TF work
@@ -130,8 +128,13 @@ def main(argv=None) -> None:
         source = TFRecordSource(args.train_tfrecords, shuffle_buffer=args.shuffle_buffer)
         data = prepare_streaming(source, load_holdout(args.holdout), seed=args.data_seed)
     else:
-        data = prepare(load_table(args), seed=args.data_seed)
-    _, _, results = train_csmf(data, config, out, args.stage, strategy=strategy)
+        table = load_table(args)
+        check_objectives(table, config.objectives, args)
+        data = prepare(table, seed=args.data_seed)
+        check_prepared(data, args)
+    board = None if args.no_tensorboard else out / "tensorboard"
+    results = train_csmf(data, config, out, args.stage, verbose=verbose, strategy=strategy,
+                         tensorboard_dir=board).results
     rows = {"CSMF (s_t)": results["stage"], **({"CSMF fused": results["fused"]} if "fused" in results else {})}
     print(format_results_table(rows, objectives=config.objectives))
 

@@ -335,6 +335,7 @@ def test_stages_train_from_shards(tmp_path):
 
 def test_command_lines_generate_shards_and_train_from_them(tmp_path, capsys, monkeypatch):
     from pipelines import generate_data, train_cascade
+    from csmf_tf.training.run import TrainedRun
 
     assert generate_data.main(["--num-users", "80", "--num-items", "60", "--num-exposures", "2000", "--seed", "1",
                                "--out-dir", str(tmp_path), "--format", "tfrecord", "--shards", "2",
@@ -351,7 +352,7 @@ def test_command_lines_generate_shards_and_train_from_them(tmp_path, capsys, mon
 
     def fake_train(data, config, out_dir, stages=None, verbose=1, strategy=None):
         seen.update(data=data, config=config)
-        return None, [], {"stage": {"exposure/recall@50": 0.5}}
+        return TrainedRun(None, [], {"stage": {"exposure/recall@50": 0.5}}, None)
 
     monkeypatch.setattr(train_cascade, "train_csmf", fake_train)
     train_cascade.main(["--out", str(tmp_path / "run"), "--train-tfrecords", str(tmp_path / "cascade-*.tfrecord"),

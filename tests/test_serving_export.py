@@ -330,3 +330,43 @@ def test_bundle_round_trip_through_the_export_cli(tmp_path):
     np.testing.assert_allclose(got, d.user_model(users, training=False).numpy(), atol=1e-5, rtol=0)
     assert json.loads((path / "assets" / "training_config.json").read_text()) == {"eta": 0.25}
     assert json.loads((path / "assets" / "objectives.json").read_text())["default_weights"] == [1.0, 2.0, 3.0]
+
+
+def test_popularity_prior_is_served_in_one_inner_product(towers, tmp_path):
+    """With a prior the served scores are ``s_t + alpha_t L_t(i)`` and the fused score their k-weighted sum."""
+    from csmf_tf.metrics.prior import PopularityPrior
+    from csmf_tf.scoring import stage_query_masks
+
+    d = towers["plain"]
+    rng = np.random.default_rng(3)
+    prior = PopularityPrior(rng.random((len(d.item_catalog), 3)).astype(np.float32) * 4,
+                            np.float32([0.5, 2.0, 1.0]))
+    path = export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives,
+                                  tmp_path, "prior", default_weights=[1.0, 0.5, 2.0], k_max=50, use_scann=False,
+                                  popularity_prior=prior)
+    config = json.loads((path / "assets" / "config.json").read_text())
+    assert config["dim"] == config["tower_dim"] + 3 and config["popularity_prior"]["alphas"] == [0.5, 2.0, 1.0]
+    served = tf.saved_model.load(str(path)).signatures["serving_default"]
+    batch = user_batch(d)
+    weights = np.float32([1.0, 0.5, 2.0])
+    out = served(**batch, objective_weights=tf.constant(weights), k=tf.constant(50))
+    u = d.user_model(batch).numpy()
+    v = item_vectors_of(d)
+    stage = np.einsum("bd,id,td->bit", u, v, stage_query_masks(d.owner_stage, 3)) + \
+        prior.alphas[None, None, :] * prior.log_popularity[None, :, :]                   # [B, I, S]
+    fused = stage @ weights
+    ids = d.item_catalog.ids.astype(str)
+    for b in range(len(u)):
+        got_ids = out["item_ids"].numpy()[b].astype(str)
+        rows = np.array([np.flatnonzero(ids == i)[0] for i in got_ids])
+        np.testing.assert_allclose(out["scores"].numpy()[b], fused[b, rows], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out["objective_scores"].numpy()[b], stage[b, rows], rtol=1e-4, atol=1e-4)
+        assert set(got_ids) == set(ids[np.argsort(-fused[b])[:50]])
+
+
+def test_weight_level_models_are_refused(towers, tmp_path):
+    d = towers["plain"]
+    with pytest.raises(ValueError, match="cannot export a model with 'weight'-level ownership"):
+        export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives,
+                               tmp_path, "weight", use_scann=False, granularity="weight")
+    assert not (tmp_path / "weight").exists()

@@ -94,8 +94,9 @@ class Runner:
                 if part not in self.by_name:
                     raise ValueError(f"{m.name} uses {part!r}, which is not among the methods")
         data = context.data
+        # The prior is on when the base configuration asks for it and the budget gives it a grid.
         self.log_pop = (log_popularity(data.train, context.objectives, data.items.ids)
-                        if budget.prior_grid else None)
+                        if budget.prior_grid and context.base.popularity_prior else None)
 
     # ----- helpers ---------------------------------------------------------------------------------
     def _train(self, method: Method, hp: HyperParams, seed: int) -> Trained:

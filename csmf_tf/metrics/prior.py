@@ -19,6 +19,7 @@ same at any temperature or vector norm. ``alpha = 0`` (in every grid) is the met
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +31,21 @@ from csmf_tf.metrics.retrieval import evaluate_retrieval
 from csmf_tf.metrics.vectors import ScoringVectors
 
 PRIOR_GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PopularityPrior:
+    """What an export needs: ``log_popularity`` ``[I, S]`` (rows = the catalog's) and ``alphas`` ``[S]``."""
+
+    log_popularity: np.ndarray
+    alphas: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.log_popularity.ndim != 2 or self.alphas.shape != (self.log_popularity.shape[1],):
+            raise ValueError(f"log_popularity must be [I, S] and alphas [S]; got {self.log_popularity.shape} "
+                             f"and {self.alphas.shape}")
+        if not (np.all(np.isfinite(self.log_popularity)) and np.all(np.isfinite(self.alphas))):
+            raise ValueError("the popularity prior must be finite")
 
 
 def log_popularity(train: InteractionTable, objectives: Sequence[str], item_ids: np.ndarray) -> np.ndarray:

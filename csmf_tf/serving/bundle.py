@@ -5,7 +5,9 @@ Layout::
 
     DIR/user_tower.keras, DIR/item_tower.keras   tf.keras models (tfmot wrappers allowed)
     DIR/item_catalog.npz                          ids + one array per item feature
-    DIR/meta.json                                 owner_stage, objectives, default_weights, config
+    DIR/meta.json                                 owner_stage, objectives, default_weights, config,
+                                                  popularity prior alphas (if any)
+    DIR/popularity_prior.npy                      the prior's log-popularity columns [I, S] (if any)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from csmf_tf.data.table import Catalog
+from csmf_tf.metrics.prior import PopularityPrior
 
 
 @dataclasses.dataclass
@@ -32,12 +35,14 @@ class TowerBundle:
     objectives: tuple[str, ...]
     default_weights: list[float] | None
     config: dict
+    popularity_prior: PopularityPrior | None = None
 
 
 def save_tower_bundle(directory: str | os.PathLike, user_model: tf.keras.Model, item_model: tf.keras.Model,
                       item_catalog: Catalog, owner_stage: np.ndarray, objectives: Sequence[str],
                       default_weights: Sequence[float] | None = None,
-                      config: Mapping[str, Any] | None = None) -> Path:
+                      config: Mapping[str, Any] | None = None,
+                      popularity_prior: PopularityPrior | None = None) -> Path:
     """Write a bundle (see module docstring); returns its directory."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +55,10 @@ def save_tower_bundle(directory: str | os.PathLike, user_model: tf.keras.Model, 
     np.savez(out / "item_catalog.npz", **cols)
     meta = {"owner_stage": np.asarray(owner_stage).astype(int).tolist(), "objectives": list(objectives),
             "default_weights": None if default_weights is None else [float(w) for w in default_weights],
-            "config": dict(config or {})}
+            "config": dict(config or {}),
+            "prior_alphas": None if popularity_prior is None else popularity_prior.alphas.tolist()}
+    if popularity_prior is not None:
+        np.save(out / "popularity_prior.npy", popularity_prior.log_popularity)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
@@ -71,6 +79,9 @@ def load_tower_bundle(directory: str | os.PathLike) -> TowerBundle:
     ids = cols.pop("__ids__").astype(object)
     features = {k: (v.astype(object) if v.dtype.kind == "U" else v) for k, v in cols.items()}
     meta = json.loads((src / "meta.json").read_text())
+    prior = None
+    if meta.get("prior_alphas") is not None:
+        prior = PopularityPrior(np.load(src / "popularity_prior.npy"), np.asarray(meta["prior_alphas"], np.float32))
     return TowerBundle(user_model, item_model, Catalog(ids, features),
                        np.asarray(meta["owner_stage"], np.int32), tuple(meta["objectives"]),
-                       meta.get("default_weights"), meta.get("config", {}))
+                       meta.get("default_weights"), meta.get("config", {}), prior)

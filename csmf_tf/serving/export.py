@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from csmf_tf.data.table import Catalog
+from csmf_tf.masks import ownership
+from csmf_tf.metrics.prior import PopularityPrior
 from csmf_tf.serving.assets import warmup_request, write_assets, write_warmup
 from csmf_tf.serving.constants import (ITEM_EMBEDDING_SIGNATURE, MODEL_INFO_SIGNATURE, RETRIEVAL_SIGNATURE,
                                        USER_EMBEDDING_SIGNATURE)
@@ -64,12 +66,21 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
                          user_input_spec: Mapping[str, tf.TensorSpec] | None = None,
                          item_input_spec: Mapping[str, tf.TensorSpec] | None = None,
                          item_batch_size: int = 4096,
-                         item_vectors: np.ndarray | None = None) -> tuple[RetrievalServingModule, dict]:
+                         item_vectors: np.ndarray | None = None,
+                         popularity_prior: PopularityPrior | None = None,
+                         granularity: str = "unit") -> tuple[RetrievalServingModule, dict]:
     """Embed the catalog, build the index and return ``(module, config)`` without writing anything.
 
     ``item_vectors`` may be passed when the caller already embedded the catalog (benchmarks);
-    otherwise the item tower embeds ``item_catalog`` here.
+    otherwise the item tower embeds ``item_catalog`` here. ``popularity_prior`` (rows = the catalog's)
+    appends its ``S`` columns to the index (see :mod:`~csmf_tf.serving.module`). ``granularity`` is the
+    model's ownership granularity: a weight-level model is refused, since its stage scores need one
+    forward pass per stage, which one ``D``-dimensional query cannot give.
     """
+    if granularity != "unit":
+        raise ValueError(f"cannot export a model with {granularity!r}-level ownership: its stage scores s_t need "
+                         "one forward pass per stage (S x D vectors), so one D-dimensional query would return "
+                         "s_S for every objective; train with granularity 'unit' to serve it")
     objectives = tuple(str(o) for o in objectives)
     s = len(objectives)
     if s < 1:
@@ -115,17 +126,26 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
                          f"{owner_stage.size}")
     if not np.all(np.isfinite(item_vectors)):
         raise ValueError("the item tower produced non-finite vectors")
+    alphas = None
+    if popularity_prior is not None:
+        if popularity_prior.log_popularity.shape != (n, s):
+            raise ValueError(f"the popularity prior must have [{n}, {s}] columns (catalog rows x objectives), "
+                             f"got {popularity_prior.log_popularity.shape}")
+        item_vectors = np.concatenate([item_vectors, popularity_prior.log_popularity.astype(np.float32)], axis=1)
+        alphas = np.asarray(popularity_prior.alphas, np.float32)
 
     index, index_config = build_index(item_vectors, k_max, use_scann, scann_options)
 
     module = RetrievalServingModule(user_model, item_model, ids, item_vectors, owner_stage, objectives,
-                                    weights, k_max, default_k, user_spec, item_spec, index)
-    dims = {o: np.flatnonzero(owner_stage == t + 1).tolist() for t, o in enumerate(objectives)}
+                                    weights, k_max, default_k, user_spec, item_spec, index, alphas)
+    dims = {o: np.flatnonzero(ownership.owned_by(owner_stage, t + 1)).tolist() for t, o in enumerate(objectives)}
     config = {
         "format_version": FORMAT_VERSION,
         "objectives": list(objectives), "num_objectives": s,
         "default_weights": weights.tolist(), "k_max": int(k_max), "default_k": int(default_k),
-        "dim": int(item_vectors.shape[1]), "num_items": n,
+        "dim": int(item_vectors.shape[1]), "tower_dim": int(owner_stage.size), "num_items": n,
+        "popularity_prior": None if alphas is None else {"alphas": alphas.tolist(),
+                                                          "columns": "log(1 + training positives) per objective"},
         "index": index_config,
         "user_inputs": {k: {"dtype": v.dtype.name, "shape": v.shape.as_list()}
                         for k, v in user_spec.items()},
@@ -148,7 +168,8 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
                            user_input_spec: Mapping[str, tf.TensorSpec] | None = None,
                            item_input_spec: Mapping[str, tf.TensorSpec] | None = None,
                            warmup_inputs: Mapping[str, Any] | None = None,
-                           item_batch_size: int = 4096, verify: bool = True) -> Path:
+                           item_batch_size: int = 4096, verify: bool = True,
+                           popularity_prior: PopularityPrior | None = None, granularity: str = "unit") -> Path:
     """Export the towers + index as the next version of ``<base_path>/<model_name>``; returns its path.
 
     Args:
@@ -168,6 +189,9 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
       warmup_inputs: one user's features for the warm-up query written to
         ``assets.extra/tf_serving_warmup_requests``; default: out-of-vocabulary placeholders.
       verify: load the written SavedModel back and compare it with the in-memory towers before publishing.
+      popularity_prior: the prior the model is scored with (:mod:`csmf_tf.metrics.prior`), if any.
+      granularity: the model's ownership granularity; ``"weight"`` is refused (see
+        :func:`build_serving_module`).
 
     The export is atomic (:mod:`csmf_tf.serving.publish`): written to a scratch directory, verified,
     flushed, then renamed to ``<max existing version + 1>``; a crash leaves no version behind.
@@ -176,7 +200,8 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
         raise ValueError(f"invalid model name {model_name!r}")
     module, config = build_serving_module(
         user_model, item_model, item_catalog, owner_stage, objectives, default_weights, k_max, default_k,
-        use_scann, scann_options, user_input_spec, item_input_spec, item_batch_size)
+        use_scann, scann_options, user_input_spec, item_input_spec, item_batch_size,
+        popularity_prior=popularity_prior, granularity=granularity)
     request = warmup_request(module, warmup_inputs)
 
     def write(tmp: Path) -> None:

@@ -20,6 +20,10 @@ objective weights only rescale the query (docs/method.md section 5). With ScaNN 
 ``k_max`` candidate rows; the graph then gathers their exact vectors, re-scores them exactly (ScaNN's
 quantised distances are approximations) and keeps the best ``k``. ``objective_scores`` come from the
 same gathered vectors, so the three outputs always describe the same items consistently.
+
+With a popularity prior (:mod:`csmf_tf.metrics.prior`: ``s_t + alpha_t L_t(i)``) the index holds
+``[v, L]`` (``D + S`` columns) and the query is ``[u * w, k * alpha]``: still one inner product, one
+index, and the weights still only rescale the query.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from csmf_tf.scoring import stage_query_masks
+from csmf_tf.scoring import fusion_scales_tf, stage_query_masks, stage_scores_tf
 from csmf_tf.serving.constants import (ITEM_EMBEDDING_SIGNATURE, K_INPUT, MODEL_INFO_SIGNATURE,
                                        OUTPUT_ITEM_IDS, OUTPUT_OBJECTIVE_SCORES, OUTPUT_SCORES,
                                        RETRIEVAL_SIGNATURE, USER_EMBEDDING_SIGNATURE, WEIGHTS_INPUT)
@@ -47,13 +51,17 @@ class RetrievalServingModule(tf.Module):
                  item_ids: np.ndarray, item_vectors: np.ndarray, owner_stage: np.ndarray,
                  objectives: Sequence[str], default_weights: np.ndarray, k_max: int, default_k: int,
                  user_spec: Mapping[str, tf.TensorSpec], item_spec: Mapping[str, tf.TensorSpec],
-                 index: tf.keras.layers.Layer | None = None) -> None:
+                 index: tf.keras.layers.Layer | None = None, prior_alphas: np.ndarray | None = None) -> None:
         super().__init__(name="csmf_retrieval")
         self.user_model = user_model
         self.item_model = item_model
         self.index = index
         self.num_stages = len(objectives)
         self.dim = int(item_vectors.shape[1])
+        # item_vectors are [v, L] when the export carries a popularity prior: the towers' D columns first.
+        self.tower_dim = len(owner_stage)
+        self.prior_alphas = None if prior_alphas is None else tf.Variable(
+            np.asarray(prior_alphas, np.float32), trainable=False, name="prior_alphas")
         self.k_max = int(k_max)
         self.default_k = int(default_k)
         self.item_ids = tf.Variable(np.asarray(item_ids, dtype=object).astype(bytes), trainable=False,
@@ -111,7 +119,9 @@ class RetrievalServingModule(tf.Module):
         u = self._user_vectors(inputs)                              # [B, D]
         batch = tf.shape(u)[0]
         w = self._batch_weights(weights, batch)                     # [B, S]
-        query = u * tf.matmul(w, self.stage_masks)                  # fused query u * w, [B, D]
+        query = u * fusion_scales_tf(w, self.stage_masks)           # fused query u * w, [B, D]
+        if self.prior_alphas is not None:
+            query = tf.concat([query, w * self.prior_alphas], axis=1)   # [u * w, k * alpha], [B, D + S]
         # A NaN/inf feature (or weights so large that u * w overflows) would otherwise reach ScaNN,
         # which fails with an internal RET_CHECK, or the exact top_k, which ranks NaNs arbitrarily:
         # either way the request is at fault, so say so (InvalidArgument) before searching.
@@ -127,8 +137,10 @@ class RetrievalServingModule(tf.Module):
             scores, rows = self._exact_top_k(query, k, table)
         else:
             scores, rows = self._approximate_top_k(query, k, table)
-        vectors = tf.gather(table, rows)                            # [B, k, D]
-        objective_scores = tf.einsum("bkd,td->bkt", vectors * u[:, None, :], self.stage_masks)
+        vectors = tf.gather(table, rows)                            # [B, k, D (+ S)]
+        objective_scores = stage_scores_tf(vectors[:, :, :self.tower_dim] * u[:, None, :], self.stage_masks)
+        if self.prior_alphas is not None:                           # + alpha_t L_t(i)
+            objective_scores += vectors[:, :, self.tower_dim:] * self.prior_alphas
         return {OUTPUT_ITEM_IDS: tf.reshape(tf.gather(ids, rows), tf.shape(rows)), OUTPUT_SCORES: scores,
                 OUTPUT_OBJECTIVE_SCORES: objective_scores}
 
@@ -187,7 +199,9 @@ class RetrievalServingModule(tf.Module):
             "objectives": tf.identity(self.objective_names),
             "default_weights": tf.identity(self.default_weights),
             "k_max": tf.constant(self.k_max, tf.int32),
-            "default_k": tf.constant(self.default_k, tf.int32)}, input_signature=[], autograph=False)
+            "default_k": tf.constant(self.default_k, tf.int32),
+            "prior_alphas": (tf.identity(self.prior_alphas) if self.prior_alphas is not None
+                             else tf.zeros([self.num_stages]))}, input_signature=[], autograph=False)
 
     def signatures(self) -> dict[str, Any]:
         """The ``signatures=`` mapping for :func:`tf.saved_model.save`."""

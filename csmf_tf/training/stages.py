@@ -59,6 +59,8 @@ class TrainingConfig:
     recovery_max_epochs: int = 5
     remove_accidental_hits: bool = True
     fusion_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # [ours] score and serve s_t + alpha_t log(1 + c_t(i)), alpha_t tuned on validation (metrics/prior.py)
+    popularity_prior: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +107,10 @@ class TrainingConfig:
             raise ValueError(f"recovery_fraction must be in (0, 1], got {self.recovery_fraction}")
         if not all(np.isfinite(k) for k in self.fusion_weights):
             raise ValueError(f"fusion_weights must be finite, got {self.fusion_weights}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.objectives)
 
     def single_objective(self, objective: str) -> "TrainingConfig":
         """The same settings for an ordinary (one-stage) two-tower of ``objective``."""
@@ -171,30 +177,38 @@ def objective_dataset(train: InteractionTable | TFRecordSource, objective: str, 
 
 def fit_objective(model: CascadeTwoTower, train: InteractionTable | TFRecordSource, objective: str, items: Catalog,
                   validation: EvaluationData, config: TrainingConfig, max_epochs: int,
-                  fraction: float = 1.0, verbose: int = 1, backup_dir: Path | None = None) -> dict:
+                  fraction: float = 1.0, verbose: int = 1, backup_dir: Path | None = None,
+                  tensorboard_dir: Path | None = None, phase: str = "") -> dict:
     """One fit (:func:`csmf_tf.training.fit.fit_until_best`) of the current stage on ``objective``'s
     training positives, early-stopped on its validation Recall@50 (the model's current ``s_t``).
 
     ``train`` is an in-memory table or a :class:`~csmf_tf.data.streaming.TFRecordSource` (streamed
-    from TFRecord shards every epoch; the rest of the stage loop is the same).
+    from TFRecord shards every epoch; the rest of the stage loop is the same). ``verbose``: 0 silent,
+    1 one line per epoch, 2 also Keras' progress bars; ``tensorboard_dir``: TensorBoard logs of the
+    fit (None: none); ``phase``: a word for the epoch lines (e.g. ``"recovery"``).
     """
     dataset = objective_dataset(train, objective, items, config, model.stage, fraction)
+    label = f"stage {model.stage}/{model.num_stages} {objective}" + (f" {phase}" if phase else "")
     score = ValidationRecall(validation, (objective,), lambda m: current_vectors(m, validation, (objective,)),
-                             verbose=bool(verbose))
+                             verbose=bool(verbose), label=label)
     return fit_until_best(model, dataset, score, config.learning_rate_for(model.stage), max_epochs,
-                          config.patience, config.start_is_candidate, backup_dir=backup_dir, verbose=verbose)
+                          config.patience, config.start_is_candidate, backup_dir=backup_dir, verbose=verbose,
+                          tensorboard_dir=tensorboard_dir)
 
 
 def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRecordSource, items: Catalog,
               validation: EvaluationData, config: TrainingConfig, out_dir: Path, verbose: int = 1,
-              trained: dict | None = None) -> dict:
+              trained: dict | None = None, tensorboard_dir: Path | None = None) -> dict:
     """Train stage ``stage`` of ``model`` (already holding stages ``< stage``) and checkpoint it.
 
     ``trained``: the ``fit_objective`` log of a training of this stage that ``model`` already holds
     (current stage ``stage``); the stage then starts at CPP. Lets several variants (ablations, sweeps)
-    share one stage-1 pretraining.
+    share one stage-1 pretraining. ``tensorboard_dir``: the stage's fits log to
+    ``<tensorboard_dir>/stage_<t>`` (recovery: ``.../stage_<t>/recovery``) and the ownership map after
+    the stage is added there as an image (None: no TensorBoard).
     """
     objective = config.objectives[stage - 1]
+    board = Path(tensorboard_dir) / f"stage_{stage}" if tensorboard_dir is not None else None
     print(f"== stage {stage}/{model.num_stages}: {objective} ==", flush=True)
     backups = Path(out_dir) / ".backup"
     pruned = checkpoints.PRUNED_SUFFIX
@@ -212,36 +226,52 @@ def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRe
                         zero_item_block=config.zero_item_block)
             log = {"stage": stage, "train": fit_objective(
                 model, train, objective, items, validation, config, config.max_epochs_for(stage), verbose=verbose,
-                backup_dir=backups / f"stage_{stage}_train")}
+                backup_dir=backups / f"stage_{stage}_train", tensorboard_dir=board)}
         if stage < model.num_stages:
             reports = selective_mask(model, stage, config.tau[stage - 1], config.granularity,
                                      config.min_output_units,
                                      random_seed=config.seed + stage if config.random_selection else None)
             log["cpp"] = [r.as_dict() for r in reports]
-            for r in reports:
-                print(f"  CPP {r.layer}: freed {r.pruned}/{r.candidates} {r.granularity}s, "
-                      f"{r.information_freed / max(r.information_total, 1e-12):.1%} of the information mass",
-                      flush=True)
+            print_cpp(reports, objective, config.objectives[stage], config.tau[stage - 1])
             checkpoints.save_stage(model, out_dir, stage, config, log, pruned)
     if stage < model.num_stages and config.recovery:
         print(f"  accuracy recovery on {config.recovery_fraction:.0%} of the {objective} data", flush=True)
         log["recovery"] = fit_objective(model, train, objective, items, validation, config,
                                         config.recovery_max_epochs, config.recovery_fraction, verbose,
-                                        backup_dir=backups / f"stage_{stage}_recovery")
+                                        backup_dir=backups / f"stage_{stage}_recovery",
+                                        tensorboard_dir=board / "recovery" if board is not None else None,
+                                        phase="recovery")
     checkpoints.save_stage(model, out_dir, stage, config, log)
+    if board is not None and model.num_stages > 1:
+        from csmf_tf.plots import write_ownership_summary  # matplotlib only when TensorBoard is on
+        write_ownership_summary(out_dir, board, stage)
     checkpoints.remove_stage(out_dir, stage, pruned)
     for phase in ("train", "recovery"):  # Keras leaves the emptied backup folders behind
         shutil.rmtree(backups / f"stage_{stage}_{phase}", ignore_errors=True)
     return log
 
 
+def print_cpp(reports, objective: str, successor: str, tau: float) -> None:
+    """A small table per stage transition: per layer, the units (or weights) CPP freed for the next
+    stage and their share of the layer's information mass."""
+    width = max([len(r.layer) for r in reports] + [5])
+    unit = f"{reports[0].granularity if reports else 'unit'}s freed"
+    print(f"  CPP (tau={tau:g}): {objective} hands to {successor}", flush=True)
+    print(f"    {'layer':<{width}}  {unit:>13}  information", flush=True)
+    for r in reports:
+        print(f"    {r.layer:<{width}}  {f'{r.pruned}/{r.candidates}':>13}  "
+              f"{r.information_freed / max(r.information_total, 1e-12):11.1%}", flush=True)
+
+
 def run_cascade(model: CascadeTwoTower, train: InteractionTable | TFRecordSource, items: Catalog,
                 validation: EvaluationData, config: TrainingConfig, out_dir: Path,
-                stages: Sequence[int] | None = None, verbose: int = 1) -> list[dict]:
+                stages: Sequence[int] | None = None, verbose: int = 1,
+                tensorboard_dir: Path | None = None) -> list[dict]:
     """Run ``stages`` in order; stage ``t > 1`` starts from stage ``t-1``'s checkpoint.
 
     Without explicit ``stages`` the run is resumable: completed stages are loaded, not redone, and
-    an interrupted stage continues from its last epoch backup.
+    an interrupted stage continues from its last epoch backup. ``tensorboard_dir``: see
+    :func:`run_stage`.
     """
     logs = []
     resume = stages is None
@@ -254,5 +284,6 @@ def run_cascade(model: CascadeTwoTower, train: InteractionTable | TFRecordSource
             continue
         if stage > 1:
             checkpoints.load_stage(model, out_dir, stage - 1)
-        logs.append(run_stage(stage, model, train, items, validation, config, out_dir, verbose))
+        logs.append(run_stage(stage, model, train, items, validation, config, out_dir, verbose,
+                              tensorboard_dir=tensorboard_dir))
     return logs

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from csmf_tf.scoring import fusion_scales
 from csmf_tf.serving.constants import MODEL_INFO_SIGNATURE
 
 
@@ -48,7 +49,7 @@ class Reference:
         b = len(u)
         w = np.asarray(inputs.get("objective_weights", self.default_weights), np.float64)
         w = np.broadcast_to(w.reshape(-1, self.num_objectives), (b, self.num_objectives))
-        query = u * (w @ self.masks)                                                    # [B, D]
+        query = u * fusion_scales(w, self.masks)                                        # [B, D]
         for name, arr in (("item_ids", item_ids), ("scores", scores), ("objective_scores", objective_scores)):
             if arr is not None and tuple(arr.shape[:2]) != (b, k):
                 return f"{name} shape {arr.shape}, expected ({b}, {k}, ...)"

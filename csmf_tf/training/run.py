@@ -1,0 +1,126 @@
+"""One training run end to end: the cascade, the popularity prior, test metrics, bundle and pictures.
+
+:func:`train_csmf` is what ``pipelines.train_cascade`` and the main job run: every stage of
+:func:`~csmf_tf.training.stages.run_cascade` (resumable, optionally under a ``tf.distribute``
+strategy), then the popularity prior tuned on validation (:mod:`csmf_tf.metrics.prior`, when
+``config.popularity_prior``), then the test split scored once, with and without the prior.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from csmf_tf.data.prepared import PreparedData
+from csmf_tf.data.streaming import TFRecordSource
+from csmf_tf.metrics.prior import PopularityPrior, log_popularity, tune_prior, with_prior
+from csmf_tf.metrics.vectors import evaluate_vectors
+from csmf_tf.models.cascade import CascadeTwoTower
+from csmf_tf.plots import plot_cpp_information, plot_ownership
+from csmf_tf.serving.bundle import save_tower_bundle
+from csmf_tf.training.checkpoints import completed_stages, stage_dir
+from csmf_tf.training.evaluation import cascade_vectors
+from csmf_tf.training.stages import TrainingConfig, build_model, run_cascade, run_stage
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """The trained model, its stage logs, the test results and the prior it is scored (and served) with."""
+
+    model: CascadeTwoTower
+    logs: list[dict]
+    results: dict
+    prior: PopularityPrior | None
+    out_dir: Path | None = None
+
+
+def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages: Sequence[int] | None = None,
+               verbose: int = 1, strategy=None, tensorboard_dir: Path | None = None,
+               pretrained: TrainedRun | None = None) -> TrainedRun:
+    """Run the cascade (or some stages) and score the final model on the test split.
+
+    ``results``: ``{"stage", "fused"}`` with the prior when it is on, ``"without_prior"`` (the same
+    without it) and ``"prior_alphas"``. Writes ``results.json``, the export bundle (``bundle/``, with the
+    prior) and the ownership pictures under ``out_dir``. With a ``tf.distribute`` strategy the model
+    is built in its scope, so every stage's ``fit`` is distributed.
+
+    ``verbose``: 0 silent fits, 1 one line per epoch, 2 also Keras' progress bars.
+    ``tensorboard_dir``: every stage's fits log to ``<tensorboard_dir>/stage_<t>`` (None: no TensorBoard).
+    ``pretrained``: a finished run of the single-objective two-tower of ``config.objectives[0]``
+    (``train_csmf(data, config.single_objective(...), ...)``). Its training *is* CSMF's stage-1 training
+    (same towers, seed, data, batches and optimizer), so stage 1 starts from its weights at CPP instead
+    of training again (:func:`~csmf_tf.training.stages.run_stage` with ``trained=``).
+    """
+    out_dir = Path(out_dir)
+    objectives = data.table.objectives
+    weights = config.fusion_weights if len(config.objectives) > 1 else None
+    ks = tuple(k for k in (20, 50, 100, 200) if k <= len(data.items)) or (len(data.items),)
+    # Forward passes outside fit (validation, test) also need the scope: the tfmot wrappers' masking
+    # op is written for replica or strategy-scope contexts.
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = build_model(config, data.users, data.items, data.table.feature_kinds)
+        if pretrained is not None and stages is None and not completed_stages(out_dir):
+            _continue_from(pretrained, model, data, config, out_dir, verbose, tensorboard_dir)
+        run_cascade(model, data.train, data.items, data.validation, config, out_dir, stages, verbose,
+                    tensorboard_dir=tensorboard_dir)
+        raw = cascade_vectors(model, data.testing, objectives)
+        validation = cascade_vectors(model, data.validation, objectives)
+    results = {"without_prior": evaluate_vectors(raw, data.testing, weights, ks=ks)}
+    prior = None
+    if config.popularity_prior:
+        log_pop = training_log_popularity(data, objectives)
+        _, alphas = tune_prior(validation, log_pop, data.validation)
+        results.update(evaluate_vectors(with_prior(raw, log_pop, alphas), data.testing, weights, ks=ks))
+        results["prior_alphas"] = [float(a) for a in alphas]
+        # The export serves the model's own stages: a single-objective model carries its objective's column.
+        stages_served = model.num_stages
+        prior = PopularityPrior(log_pop[:, :stages_served], np.float32(alphas[:stages_served]))
+    else:
+        results.update(results["without_prior"])
+    logs = [json.loads((stage_dir(out_dir, s) / "metrics.json").read_text()) for s in completed_stages(out_dir)]
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    # Towers + item catalog + ownership + prior, for `python -m pipelines.export --bundle <out>/bundle`.
+    save_tower_bundle(out_dir / "bundle", model.user_model, model.item_model, data.items, model.owner_stage,
+                      model.objectives, config.fusion_weights, config.to_json(), prior)
+    if model.num_stages > 1:
+        for tower in ("user", "item"):
+            plot_ownership(out_dir, tower, out_dir / f"ownership_{tower}.png")
+        plot_cpp_information(logs, out_dir / "cpp_information.png")
+    return TrainedRun(model, logs, results, prior, out_dir)
+
+
+def _continue_from(pretrained: TrainedRun, model: CascadeTwoTower, data: PreparedData, config: TrainingConfig,
+                   out_dir: Path, verbose: int, tensorboard_dir: Path | None) -> None:
+    """Stage 1 of ``model`` from ``pretrained``'s single-objective two-tower: its weights, then CPP and
+    recovery (the stage's checkpoint is written, so :func:`run_cascade` goes on from stage 2)."""
+    first = pretrained.model
+    if first.num_stages != 1 or first.objectives[0] != config.objectives[0]:
+        raise ValueError(f"pretrained must be a single-objective run of {config.objectives[0]!r}, got "
+                         f"objectives {first.objectives}")
+    expected = config.single_objective(config.objectives[0]).to_json()
+    recorded = json.loads((stage_dir(pretrained.out_dir, 1) / "config.json").read_text())
+    if recorded != json.loads(json.dumps(expected)):
+        raise ValueError("pretrained was trained with other settings than this configuration's stage 1")
+    model.user_model.set_weights(first.user_model.get_weights())
+    model.item_model.set_weights(first.item_model.get_weights())
+    model.set_stage(1)
+    print(f"== stage 1/{model.num_stages}: {config.objectives[0]} is the single-objective two-tower just "
+          f"trained; reusing it ==", flush=True)
+    run_stage(1, model, data.train, data.items, data.validation, config, out_dir, verbose,
+              trained=pretrained.logs[0]["train"], tensorboard_dir=tensorboard_dir)
+
+
+def training_log_popularity(data: PreparedData, objectives: Sequence[str]) -> np.ndarray:
+    """``L[i, t] = log(1 + c_t(i))`` over ``data.items`` from the training rows (in memory or shards)."""
+    if not isinstance(data.train, TFRecordSource):
+        return log_popularity(data.train, objectives, data.items.ids)
+    row = {str(i): r for r, i in enumerate(data.items.ids)}
+    source_rows = np.array([row[str(i)] for i in data.train.item_catalog().ids])
+    out = np.zeros((len(data.items), len(objectives)), np.float32)
+    for t, objective in enumerate(objectives):
+        out[source_rows, t] = np.log1p(data.train.item_positive_counts(objective))
+    return out
