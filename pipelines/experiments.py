@@ -69,7 +69,9 @@ MODES = {
         # Synthetic: lr 3e-3 from exposure-only pilots (docs/experiments.md). Beibei: every fit peaks after
         # its first epoch at lr 1e-3, so the grid adds 3e-4 (from a one-seed pilot at T 0.05 and 0.2 with
         # the same scores within noise); two points keep each report under an hour on 2 cores.
-        dataset_grids={"synthetic": _grid((3e-3,), (0.05, 0.1)), "beibei": _grid((3e-4, 1e-3), (0.05,))}),
+        # MovieLens: two points like the others (lr 1e-3 and 3e-3 at T 0.05), chosen before any run.
+        dataset_grids={"synthetic": _grid((3e-3,), (0.05, 0.1)), "beibei": _grid((3e-4, 1e-3), (0.05,)),
+                       "movielens": _grid((1e-3, 3e-3), (0.05,))}),
 }
 
 
