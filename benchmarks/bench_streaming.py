@@ -115,7 +115,7 @@ def phase_stream_input(data_dir: Path, size: int, batch_size: int, shuffle_buffe
 def phase_memory_input(data_dir: Path, size: int, batch_size: int, repeats: int) -> dict[str, Any]:
     import csmf_tf  # noqa: F401
     import tensorflow as tf  # noqa: F401
-    from csmf_tf.data.synthetic import read_tfrecord
+    from csmf_tf.data.files import read_tfrecord
     from csmf_tf.data.tfdata import make_objective_dataset
 
     baseline = peak_rss_mb()
@@ -171,7 +171,7 @@ def phase_stream_train(data_dir: Path, size: int, batch_size: int, shuffle_buffe
 def phase_memory_train(data_dir: Path, size: int, batch_size: int, steps: int, warmup: int) -> dict[str, Any]:
     import csmf_tf  # noqa: F401
     import tensorflow as tf  # noqa: F401
-    from csmf_tf.data.synthetic import read_tfrecord
+    from csmf_tf.data.files import read_tfrecord
     from csmf_tf.data.tfdata import make_objective_dataset
 
     baseline = peak_rss_mb()

@@ -26,9 +26,9 @@ from typing import Sequence
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before TensorFlow is imported (TFRecord writer)
 
+from csmf_tf.data.files import write_csv, write_tfrecord  # noqa: E402
 from csmf_tf.data.synthetic import (DEFAULT_NUM_EXPOSURES, DEFAULT_NUM_ITEMS,  # noqa: E402
-                                    DEFAULT_NUM_USERS, generate_cascade, write_cascade_tfrecord, write_csv,
-                                    write_tfrecord)
+                                    DEFAULT_NUM_USERS, generate_cascade, write_cascade_tfrecord)
 from csmf_tf.data.table import InteractionTable  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from csmf_tf.data.example_encoding import encode_examples
 from csmf_tf.data.streaming import HardNegativeIndex, TFRecordSource
-from csmf_tf.data.synthetic import (generate_cascade, read_tfrecord, schema_path, write_cascade_tfrecord,
-                                    write_tfrecord)
+from csmf_tf.data.files import read_tfrecord, schema_path, write_tfrecord
+from csmf_tf.data.synthetic import generate_cascade, write_cascade_tfrecord
 from csmf_tf.data.table import Catalog
 from csmf_tf.data.features import HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_PREFIX
 from csmf_tf.data.tfdata import item_sampling_probabilities, make_objective_dataset

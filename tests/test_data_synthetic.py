@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from csmf_tf.data.synthetic import (CascadeConfig, generate_cascade, generate_cascade_with_truth, read_csv,
-                                    read_tfrecord, schema_path, write_csv, write_tfrecord)
+from csmf_tf.data.files import read_csv, read_tfrecord, schema_path, write_csv, write_tfrecord
+from csmf_tf.data.synthetic import CascadeConfig, generate_cascade, generate_cascade_with_truth
 from csmf_tf.data.validation import BadRowsError
 
 SIZES = dict(num_users=400, num_items=300, num_exposures=20_000)

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from csmf_tf.data import features
 from csmf_tf.data.streaming import TFRecordSource
-from csmf_tf.data.synthetic import generate_cascade, write_tfrecord
+from csmf_tf.data.files import write_tfrecord
+from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.data.tfdata import make_objective_dataset
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.stages import TrainingConfig, build_model

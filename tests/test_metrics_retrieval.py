@@ -10,7 +10,7 @@ import pytest
 import csmf_tf  # noqa: F401
 from csmf_tf.data.table import InteractionTable
 from csmf_tf.metrics import (EvalSet, build_eval_set, evaluate_retrieval, format_results_table,
-                             popularity_counts, popularity_vectors, prefix_results)
+                             popularity_counts, prefix_results)
 
 ITEMS = np.array(["a", "b", "c", "d", "e"], dtype=object)
 
@@ -263,16 +263,14 @@ def test_popularity_counts_and_baseline():
 
     test = table([("u1", "b", 1, 1, 0), ("u3", "a", 1, 1, 0), ("u3", "b", 1, 1, 0)])
     es = build_eval_set(train, test, "click", ITEMS)
-    q, v = popularity_vectors(train, "click", ITEMS, es)
-    assert q.shape == (2, 1) and v.shape == (5, 1) and (q == 1).all()
+    # Popularity as D = 1 vectors (what metrics.vectors.popularity_scoring builds): Q = 1, V = counts.
+    q, v = np.ones((es.num_users, 1), np.float32), popularity_counts(train, "click", ITEMS)[:, None]
     res = evaluate_retrieval(q, v, es, ks=(1, 2))
     # Ranking a(2) c(2) b d e (tie a/c: lower row first). u1 excludes a, c -> b first: hit.
     # u3 excludes c -> a b d e: hits at 0, 1.
     assert res["recall@1"] == pytest.approx((1.0 + 0.5) / 2)
     assert res["recall@2"] == pytest.approx(1.0)
     assert res["ndcg@2"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="item_ids must be eval_set.item_ids"):
-        popularity_vectors(train, "click", ITEMS[::-1], es)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,18 +1,19 @@
 """Data layer: the cascade table, validating readers and adapters, synthetic data, splits, tf.data pipelines.
 
 Modules: ``table`` (InteractionTable, Catalog), ``validation`` (row-checked CSV/TSV reading),
-``adapters`` (generic CSV/TSV, Beibei, AliExpress, Ali-CCP), ``synthetic`` (cascade generator, CSV and
-TFRecord writers/readers), ``splits`` (train/val/test), ``features`` (the batch contract: every key a training batch carries), ``tfdata`` (per-objective
-``tf.data`` pipelines),
-``streaming`` (the same pipelines streamed from TFRecord shards), ``example_encoding`` (fast Example writer).
+``adapters`` (generic CSV/TSV, Beibei, MovieLens, AliExpress, Ali-CCP), ``synthetic`` (cascade generator),
+``files`` (CSV and TFRecord writers/readers), ``splits`` (train/val/test), ``features`` (the batch
+contract: every key a training batch carries), ``tfdata`` (per-objective ``tf.data`` pipelines),
+``streaming`` (the same pipelines streamed from TFRecord shards), ``example_encoding`` (fast Example
+writer), ``prepared`` (splits, catalogs and evaluation sets of a run).
 TensorFlow is imported lazily (only by the TFRecord and tf.data functions).
 """
 from csmf_tf.data.adapters import read_ali_ccp, read_aliexpress, read_beibei, read_generic, read_movielens
 from csmf_tf.data.splits import Splits, pair_hash_unit, split_table
+from csmf_tf.data.files import read_csv, read_tfrecord, write_csv, write_tfrecord
 from csmf_tf.data.synthetic import (DEFAULT_NUM_EXPOSURES, DEFAULT_NUM_ITEMS, DEFAULT_NUM_USERS, CascadeConfig,
                                     CascadeFiles, CascadeTruth, default_dataset, generate_cascade,
-                                    generate_cascade_with_truth, read_csv, read_tfrecord, write_cascade_tfrecord,
-                                    write_csv, write_tfrecord)
+                                    generate_cascade_with_truth, write_cascade_tfrecord)
 from csmf_tf.data.streaming import HardNegativeIndex, TFRecordSource
 from csmf_tf.data.table import CATEGORICAL, DEFAULT_OBJECTIVES, NUMERIC, Catalog, InteractionTable
 from csmf_tf.data import features

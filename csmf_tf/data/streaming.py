@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from csmf_tf.data.synthetic import schema_path
+from csmf_tf.data.files import schema_path
 from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog, InteractionTable, objective_position
 from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
                                    hard_negative)

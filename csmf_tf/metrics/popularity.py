@@ -1,4 +1,7 @@
-"""Most-popular baseline expressed as D = 1 vectors, so it runs through the same exact evaluator.
+"""Training-positive counts per item: the most-popular baseline and the popularity prior both read them.
+
+The baseline is scored as D = 1 vectors (:func:`csmf_tf.metrics.vectors.popularity_scoring`), so it runs
+through the same exact evaluator.
 
 Every user gets the same ranking: items by decreasing count of training positives for the objective,
 ``score(u, i) = <1, c_i> = c_i``. With ``query = ones [U, 1]`` and ``items = counts [I, 1]``,
@@ -10,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from csmf_tf.data.table import InteractionTable
-from csmf_tf.metrics.retrieval import EvalSet, _Index
+from csmf_tf.metrics.retrieval import _Index
 
 
 def popularity_counts(table: InteractionTable, objective: str | int, item_ids: np.ndarray) -> np.ndarray:
@@ -31,19 +34,3 @@ def popularity_counts(table: InteractionTable, objective: str | int, item_ids: n
     index = _Index(item_ids, "item_ids")
     rows, found = index.lookup(table.item_id[table.labels[:, col] == 1])
     return np.bincount(rows[found], minlength=len(index.keys)).astype(np.float32)
-
-
-def popularity_vectors(train: InteractionTable, objective: str | int, item_ids: np.ndarray,
-                       eval_set: EvalSet) -> tuple[np.ndarray, np.ndarray]:
-    """``(query [U, 1] of ones, items [I, 1] = popularity_counts(train, objective, item_ids))``.
-
-    ``U = eval_set.num_users``; ``item_ids`` must be ``eval_set``'s corpus in the same order, since
-    item vector row ``i`` is scored as ``eval_set.item_ids[i]``.
-    """
-    item_ids = np.asarray(item_ids)
-    if item_ids.shape != eval_set.item_ids.shape or not np.array_equal(
-            item_ids.astype(str), eval_set.item_ids.astype(str)):
-        raise ValueError("item_ids must be eval_set.item_ids (same corpus, same order): got "
-                         f"{len(item_ids)} ids vs {eval_set.num_items} in the eval set")
-    counts = popularity_counts(train, objective, item_ids)
-    return np.ones((eval_set.num_users, 1), np.float32), counts[:, None]

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from csmf_tf.data.features import ITEM_ID, USER_ID
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.data.table import Catalog, InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
@@ -146,9 +147,9 @@ def build_model(config: TrainingConfig, users: Catalog, items: Catalog,
     """
     candidates = None
     if factorized_metrics:
-        candidates = tf.data.Dataset.from_tensor_slices(dict(items.as_inputs("item_id"))).batch(1024)
-    user_tower = build_tower("user", "user_id", users, feature_kinds, config.tower, seed=config.seed)
-    item_tower = build_tower("item", "item_id", items, feature_kinds, config.tower, seed=config.seed + 1)
+        candidates = tf.data.Dataset.from_tensor_slices(dict(items.as_inputs(ITEM_ID))).batch(1024)
+    user_tower = build_tower("user", USER_ID, users, feature_kinds, config.tower, seed=config.seed)
+    item_tower = build_tower("item", ITEM_ID, items, feature_kinds, config.tower, seed=config.seed + 1)
     model = CascadeTwoTower(user_tower, item_tower, config.objectives, temperature=config.temperature,
                             eta=config.eta, remove_accidental_hits=config.remove_accidental_hits,
                             candidates=candidates)
@@ -209,7 +210,8 @@ def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRe
     """
     objective = config.objectives[stage - 1]
     board = Path(tensorboard_dir) / f"stage_{stage}" if tensorboard_dir is not None else None
-    print(f"== stage {stage}/{model.num_stages}: {objective} ==", flush=True)
+    already = " (its training is done: from CPP on)" if trained is not None else ""
+    print(f"== stage {stage}/{model.num_stages}: {objective}{already} ==", flush=True)
     backups = Path(out_dir) / ".backup"
     pruned = checkpoints.PRUNED_SUFFIX
     if checkpoints.has_stage(out_dir, stage, pruned):
