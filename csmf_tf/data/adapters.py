@@ -15,7 +15,6 @@ file). Derived labels must still satisfy the cascade; rows that break it are bad
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -25,10 +24,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from csmf_tf.data.table import CATEGORICAL, DEFAULT_OBJECTIVES, NUMERIC, InteractionTable
-from csmf_tf.data.validation import (BAD_LABEL, CASCADE_VIOLATION, DUPLICATE_PAIR, MALFORMED, MAX_REPORTED,
+from csmf_tf.data.validation import (BAD_LABEL, CASCADE_VIOLATION, DUPLICATE_PAIR, MAX_REPORTED,
                                      MISSING_ITEM_ID, MISSING_USER_ID, POLICIES, BadRow, BadRowsError, LabelRule,
                                      TableSpec, ValidationReport, _Bad, _default_rejects_path, _split,
-                                     parse_timestamp, read_delimited)
+                                     parse_timestamp, read_delimited, split_row, write_rejects)
 
 logger = logging.getLogger("csmf_tf.data")
 
@@ -215,19 +214,9 @@ def _check_csv(path: Path, header: Sequence[str], parse, report: ValidationRepor
             raise ValueError(f"{fname}: header {names} differs from expected columns {list(header)}")
         for line_no, raw_bytes in enumerate(fh, start=2):
             report.rows_read += 1
-            raw = ""
+            raw = raw_bytes.decode("utf-8", "replace").rstrip("\r\n")
             try:
-                try:
-                    raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raw = raw_bytes.decode("utf-8", "replace").rstrip("\r\n")
-                    raise _Bad(MALFORMED, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not raw.strip():
-                    raise _Bad(MALFORMED, "blank line")
-                fields = _split(raw, ",")
-                if len(fields) != len(header):
-                    raise _Bad(MALFORMED, f"{len(fields)} columns, expected {len(header)}")
-                parse(fields, line_no)
+                parse(split_row(raw_bytes, ",", len(header)), line_no)
             except _Bad as b:
                 report.bad_counts[b.reason] = report.bad_counts.get(b.reason, 0) + 1
                 bad.append(BadRow(fname, line_no, b.reason, b.detail, raw))
@@ -370,12 +359,7 @@ def read_movielens(folder: str | os.PathLike, objectives: Sequence[str] = DEFAUL
     if rating_bad and on_bad_rows == "error":
         raise BadRowsError(rating_report)
     if on_bad_rows == "skip":
-        rp = Path(rejects_path) if rejects_path is not None else _default_rejects_path(ratings_path)
-        rp.parent.mkdir(parents=True, exist_ok=True)
-        with open(rp, "w", newline="", encoding="utf-8") as out:
-            w = csv.writer(out, lineterminator="\n")
-            w.writerow(["file", "line", "reason", "raw", "detail"])
-            w.writerows([b.file, b.line, b.reason, b.raw, b.detail] for b in movie_bad + rating_bad)
+        rp = write_rejects(movie_bad + rating_bad, rejects_path or _default_rejects_path(ratings_path))
         for report in (movie_report, rating_report):
             report.rejects_path = str(rp)
             if report.num_bad:

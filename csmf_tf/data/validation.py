@@ -275,6 +275,32 @@ def _split(line: str, delimiter: str) -> list[str]:
     return rows[0]
 
 
+def split_row(raw_bytes: bytes, delimiter: str, num_columns: int) -> list[str]:
+    """The fields of one data line; :class:`_Bad` (``MALFORMED``) for invalid UTF-8, a blank line or the
+    wrong number of columns. (The caller keeps ``raw_bytes`` decoded with replacement for the report.)"""
+    try:
+        raw = raw_bytes.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise _Bad(MALFORMED, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not raw.strip():
+        raise _Bad(MALFORMED, "blank line")
+    fields = _split(raw, delimiter)
+    if len(fields) != num_columns:
+        raise _Bad(MALFORMED, f"{len(fields)} columns, expected {num_columns}")
+    return fields
+
+
+def write_rejects(bad_rows: Sequence[BadRow], path: str | os.PathLike) -> Path:
+    """The rejects CSV (``file, line, reason, raw, detail``) of skipped rows; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as out:
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["file", "line", "reason", "raw", "detail"])
+        w.writerows([b.file, b.line, b.reason, b.raw, b.detail] for b in bad_rows)
+    return path
+
+
 def _default_rejects_path(path: Path) -> Path:
     # Source folders may be shared or read-only: rejects go to the temp dir unless a path is given.
     tag = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
@@ -352,18 +378,9 @@ def validate_delimited(path: str | os.PathLike, spec: TableSpec, on_bad_rows: st
         for raw_bytes in lines:
             line_no += 1
             report.rows_read += 1
-            raw = ""
+            raw = raw_bytes.decode("utf-8", "replace").rstrip("\r\n")
             try:
-                try:
-                    raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raw = raw_bytes.decode("utf-8", "replace").rstrip("\r\n")
-                    raise _Bad(MALFORMED, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not raw.strip():
-                    raise _Bad(MALFORMED, "blank line")
-                f = _split(raw, delimiter)
-                if len(f) != ncol:
-                    raise _Bad(MALFORMED, f"{len(f)} columns, expected {ncol}")
+                f = split_row(raw_bytes, delimiter, ncol)
                 uid = hash_id([f[c] for c in u_cols]) if u_hash else f[u_cols[0]].strip()
                 if not uid or (u_hash and not any(f[c].strip() for c in u_cols)):
                     raise _Bad(MISSING_USER_ID, "empty user id")
@@ -418,17 +435,11 @@ def validate_delimited(path: str | os.PathLike, spec: TableSpec, on_bad_rows: st
         logger.warning("%s: merged %d repeated (user, item) rows into their first occurrence (labels OR-ed)",
                        fname, report.merged_duplicates)
     if on_bad_rows == "skip":
-        rp = Path(rejects_path) if rejects_path is not None else _default_rejects_path(path)
-        rp.parent.mkdir(parents=True, exist_ok=True)
-        with open(rp, "w", newline="", encoding="utf-8") as out:
-            w = csv.writer(out, lineterminator="\n")
-            w.writerow(["file", "line", "reason", "raw", "detail"])
-            w.writerows([b.file, b.line, b.reason, b.raw, b.detail] for b in bad_rows)
-        report.rejects_path = str(rp)
+        report.rejects_path = str(write_rejects(bad_rows, rejects_path or _default_rejects_path(path)))
         if bad_rows:
-            logger.warning("skipped %s; rejected rows written to %s", report.summary(), rp)
+            logger.warning("skipped %s; rejected rows written to %s", report.summary(), report.rejects_path)
         else:
-            logger.info("%s (rejects file %s is empty)", report.summary(), rp)
+            logger.info("%s (rejects file %s is empty)", report.summary(), report.rejects_path)
 
     def column(name: str, kind: str) -> np.ndarray:
         return (np.array(fvals[name], dtype=np.float32) if kind == NUMERIC
