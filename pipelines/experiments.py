@@ -26,7 +26,7 @@ from csmf_tf.data.prepared import prepare
 from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.data.table import InteractionTable
 from csmf_tf.experiments.methods import Context, HyperParams, registry
-from csmf_tf.experiments.report import write_report
+from csmf_tf.experiments.report import summary_table, verdict, write_report
 from csmf_tf.experiments.runner import Budget, Progress, Runner
 from csmf_tf.metrics.protocol import EXCLUSION_RULES, SEEN
 from csmf_tf.models.towers import TowerConfig
@@ -102,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", help="results folder (report.md, results.json, PNGs)")
     parser.add_argument("--render", metavar="FOLDER",
                         help="only re-render report.md and the PNGs of FOLDER from its results.json")
+    parser.add_argument("--summary", metavar="FOLDER", nargs="+",
+                        help="only print the README summary (table and verdict) of finished reports")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the mode's)")
     parser.add_argument("--learning-rates", help="grid override, comma-separated")
     parser.add_argument("--temperatures", help="grid override, comma-separated")
@@ -148,6 +150,12 @@ def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.summary:
+        import json
+        for folder in args.summary:
+            result = json.loads((Path(folder) / "results.json").read_text())
+            print(f"### {result['dataset']} ({folder})\n\n{summary_table(result)}\n\n" + "\n".join(verdict(result)) + "\n")
+        return {}
     if args.render:
         import json
         result = json.loads((Path(args.render) / "results.json").read_text())
