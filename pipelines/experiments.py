@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from pipelines.common import add_data_arguments, load_table
+from pipelines.train_cascade import floats
 
 from csmf_tf.data.prepared import prepare
 from csmf_tf.data.synthetic import generate_cascade
@@ -126,7 +127,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, TrainingConfig, Budget]:
     mode = MODES[args.mode]
-    floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
     stages = len(table.objectives)
     config = dataclasses.replace(mode.config, objectives=tuple(table.objectives), fusion_weights=(1.0,) * stages,
                                  tau=(mode.config.tau[0],) * (stages - 1))
@@ -135,9 +135,9 @@ def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, 
     if args.output_dim:
         config = dataclasses.replace(config, tower=dataclasses.replace(config.tower, output_dim=args.output_dim))
     budget = dataclasses.replace(mode.budget, grid=mode.dataset_grids.get(args.dataset, mode.budget.grid))
-    grid_lr = floats(args.learning_rates) if args.learning_rates else tuple(dict.fromkeys(
+    grid_lr = floats(args.learning_rates, "--learning-rates") if args.learning_rates else tuple(dict.fromkeys(
         h.learning_rate for h in budget.grid))
-    grid_t = floats(args.temperatures) if args.temperatures else tuple(dict.fromkeys(h.temperature for h in budget.grid))
+    grid_t = floats(args.temperatures, "--temperatures") if args.temperatures else tuple(dict.fromkeys(h.temperature for h in budget.grid))
     budget = dataclasses.replace(budget, grid=_grid(grid_lr, grid_t))
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=tuple(int(s) for s in args.seeds.split(",")))
