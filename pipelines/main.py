@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from pipelines.common import (add_data_arguments, add_output_arguments, check_objectives, check_prepared,
-                              configure_output, load_table)
+                              configure_output, load_table, native_stderr_to)
 from pipelines.train_cascade import add_training_arguments, config_from_args
 
 from csmf_tf.data.prepared import prepare
@@ -99,7 +99,9 @@ def main(argv=None) -> dict:
           if board is not None else f"\nresults: {out / 'results.md'}, {picture}")
     if not args.no_serve:
         from pipelines.serve_demo import export_and_query
-        export_and_query(model, data, config, out, run.prior)
+        # ScaNN's index builder logs through absl to stderr; without --verbose those lines go to a file.
+        with native_stderr_to(out / "export.log", enabled=not args.verbose):
+            export_and_query(model, data, config, out, run.prior)
     wall, cpu = time.time() - started, cpu_seconds() - cpu_started
     summary.update(seconds=wall, cpu_seconds=cpu)
     (out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -350,7 +350,7 @@ def test_command_lines_generate_shards_and_train_from_them(tmp_path, capsys, mon
 
     seen = {}
 
-    def fake_train(data, config, out_dir, stages=None, verbose=1, strategy=None):
+    def fake_train(data, config, out_dir, stages=None, verbose=1, strategy=None, **kwargs):
         seen.update(data=data, config=config)
         return TrainedRun(None, [], {"stage": {"exposure/recall@50": 0.5}}, None)
 

@@ -57,7 +57,10 @@ def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages
     """
     out_dir = Path(out_dir)
     objectives = data.table.objectives
-    weights = config.fusion_weights if len(config.objectives) > 1 else None
+    # The fused score sums the trained stages; objectives beyond them (a run on a prefix of the data's
+    # objectives) are ranked by s_S and weigh 0 in the fusion.
+    weights = (tuple(config.fusion_weights) + (0.0,) * (len(objectives) - config.num_stages)
+               if config.num_stages > 1 else None)
     ks = tuple(k for k in (20, 50, 100, 200) if k <= len(data.items)) or (len(data.items),)
     # Forward passes outside fit (validation, test) also need the scope: the tfmot wrappers' masking
     # op is written for replica or strategy-scope contexts.
@@ -65,6 +68,7 @@ def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages
         model = build_model(config, data.users, data.items, data.table.feature_kinds)
         if pretrained is not None and stages is None and not completed_stages(out_dir):
             _continue_from(pretrained, model, data, config, out_dir, verbose, tensorboard_dir)
+            stages = range(2, model.num_stages + 1)
         run_cascade(model, data.train, data.items, data.validation, config, out_dir, stages, verbose,
                     tensorboard_dir=tensorboard_dir)
         raw = cascade_vectors(model, data.testing, objectives)
@@ -108,8 +112,6 @@ def _continue_from(pretrained: TrainedRun, model: CascadeTwoTower, data: Prepare
     model.user_model.set_weights(first.user_model.get_weights())
     model.item_model.set_weights(first.item_model.get_weights())
     model.set_stage(1)
-    print(f"== stage 1/{model.num_stages}: {config.objectives[0]} is the single-objective two-tower just "
-          f"trained; reusing it ==", flush=True)
     run_stage(1, model, data.train, data.items, data.validation, config, out_dir, verbose,
               trained=pretrained.logs[0]["train"], tensorboard_dir=tensorboard_dir)
 
