@@ -1,4 +1,4 @@
-"""The Python examples of README.md and docs/quickstart.md run as written (so the docs cannot drift).
+"""The Python examples of README.md run as written (so the docs cannot drift).
 
 Every ```python block of a document is run in order, as one script, in a fresh folder; a block that
 appears in both documents runs once. The examples make their own small data (csmf_tf.data.synthetic).
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "docs/quickstart.md")
+DOCUMENTS = ("README.md",)
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
@@ -34,7 +34,7 @@ def _scripts() -> list[tuple[str, str]]:
 def test_block_extraction():
     text = "x\n```python\na = 1\n```\n```bash\nls\n```\n```python\nb = a\n```\n"
     assert python_blocks(text) == ["a = 1\n", "b = a\n"]
-    assert _scripts(), "no ```python block in README.md or docs/quickstart.md"
+    assert _scripts(), "no ```python block in README.md"
 
 
 @pytest.mark.parametrize("name, script", _scripts(), ids=[name for name, _ in _scripts()])
