@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
-    lines = [f"usage: csmf <command> [arguments ...]    (csmf <command> --help: the command's arguments)",
+    lines = ["usage: csmf <command> [arguments ...]    (csmf <command> --help: the command's arguments)",
              "",
              f"CSMF multi-objective retrieval (csmf_tf {csmf_tf.__version__}): one two-tower trained in cascaded "
              "stages exposure -> click -> conversion.",

@@ -15,7 +15,7 @@ from csmf_tf.data import adapters
 from csmf_tf.data.files import read_csv, read_tfrecord
 from csmf_tf.data.synthetic import default_dataset, generate_cascade
 from csmf_tf.data.table import InteractionTable
-from csmf_tf.data.prepared import PreparedData, prepare, prepare_streaming  # noqa: F401  (used by the pipelines)
+from csmf_tf.data.prepared import PreparedData
 from csmf_tf.data.validation import BadRowsError, LabelRule
 
 REPO = Path(__file__).resolve().parents[1]

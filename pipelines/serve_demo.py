@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.common import REPO, PreparedData
+from pipelines.common import REPO
 
 from csmf_tf.data.features import USER_ID
+from csmf_tf.data.prepared import PreparedData
 from csmf_tf.metrics.prior import PopularityPrior
 from csmf_tf.models.cascade import CascadeTwoTower
 from csmf_tf.serving.export import export_retrieval_model

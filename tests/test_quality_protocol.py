@@ -8,8 +8,7 @@ from csmf_tf.data.prepared import prepare
 from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.metrics.prior import PRIOR_GRID, log_popularity, tune_prior, with_prior
 from csmf_tf.metrics.protocol import OBJECTIVE, SEEN, build_evaluation
-from csmf_tf.metrics.retrieval import evaluate_retrieval
-from csmf_tf.metrics.vectors import ScoringVectors, evaluate_vectors, popularity_scoring
+from csmf_tf.metrics.vectors import ScoringVectors, evaluate_vectors
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.evaluation import current_vectors
 from csmf_tf.training.stages import TrainingConfig, build_model, fit_objective

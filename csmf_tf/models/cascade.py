@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from csmf_tf import scoring
-from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
+from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY,
                                    hard_negative)
 from csmf_tf.masks import ownership
 from csmf_tf.models.towers import MaskedTower
