@@ -2,7 +2,7 @@
 
     python benchmarks/bench_grpc.py                               # exports a 100k-item demo model first
     python benchmarks/bench_grpc.py --duration 5                  # quick run
-    python benchmarks/bench_grpc.py --model_base_path saved_models --model_name csmf --duration 60
+    python benchmarks/bench_grpc.py --model_base_path saved_models/csmf --model_name csmf --duration 60
 
 The server runs as its own process (``python -m pipelines.serve``), as in production, so the load
 generator here does not share its interpreter; every request goes through the stock
@@ -80,10 +80,11 @@ def export_demo(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     return path, users
 
 
-def start_server(base: Path, args: argparse.Namespace, workdir: Path, batching: bool
+def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batching: bool
                  ) -> tuple[subprocess.Popen, int]:
-    """``python -m pipelines.serve`` on a free port; returns the process and its gRPC port."""
-    cmd = ["-m", "pipelines.serve", "--model_base_path", str(base), "--model_name",
+    """``python -m pipelines.serve`` on a free port for the model in ``model_dir`` (its version
+    directories); returns the process and its gRPC port."""
+    cmd = ["-m", "pipelines.serve", "--model_base_path", str(model_dir), "--model_name",
            args.model_name, "--port", "0", "--rest_api_port", "-1",
            "--file_system_poll_wait_seconds", "0", "--log_level", "WARNING",
            "--max_batch_size", str(args.max_batch_size), "--batch_timeout_micros", str(args.batch_timeout_micros),
@@ -269,7 +270,8 @@ def _ms(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the JSON-able results."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_base_path", help="serve this directory (default: export a demo model first)")
+    p.add_argument("--model_base_path", help="serve this model directory, holding its version directories "
+                                             "(default: export a demo model first)")
     p.add_argument("--model_name", default="csmf")
     p.add_argument("--num_items", type=int, default=100_000, help="demo export size")
     p.add_argument("--num_users", type=int, default=10_000)
@@ -301,13 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_grpc_") as tmp:
         workdir = Path(tmp)
         if args.model_base_path:
-            base = Path(args.model_base_path)
+            model_dir = Path(args.model_base_path)
             users = {"user_id": np.array([f"u{i}" for i in range(1000)]), "age": np.full(1000, 30.0, np.float32),
                      "city": np.array(["paris"] * 1000)}
             exported = None
         else:
             base = Path(args.export_dir) if args.export_dir else workdir / "models"
             exported, users = export_demo(base, args)
+            model_dir = base / args.model_name
         ceilings = []
         recall = None
         if exported:
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"(ceiling {ceilings[-1]['qps_ceiling']:,.0f} QPS)", flush=True)
         runs = []
         codes = []
-        servers = [(f"model (batching {mode})", mode, lambda mode=mode: start_server(base, args, workdir, mode == "on"))
+        servers = [(f"model (batching {mode})", mode, lambda mode=mode: start_server(model_dir, args, workdir, mode == "on"))
                    for mode in args.batching]
         if args.transport_baseline:
             servers.append((FIXED, "n/a", lambda: start_fixed_response_server(args, workdir)))
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average_at_end": os.getloadavg()[0]},
                "graph_ceiling": ceilings, "served_recall_at_100": recall,
-               "model": str(exported or base), "num_items": args.num_items if exported else None,
+               "model": str(exported or model_dir), "num_items": args.num_items if exported else None,
                "index": json.loads((exported / "assets" / "config.json").read_text()).get("index") if exported else None,
                "k": args.k, "max_batch_size": args.max_batch_size,
                "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs}

@@ -2,7 +2,7 @@
 
     python benchmarks/fuzz_server.py                         # 10,000 requests, seed 0
     python benchmarks/fuzz_server.py --requests 500          # the short version the tests run
-    python benchmarks/fuzz_server.py --model_base_path DIR   # fuzz a copy of DIR's model instead of a demo
+    python benchmarks/fuzz_server.py --model_base_path DIR   # fuzz a copy of model directory DIR, not a demo
 
 The harness is :mod:`csmf_tf.testing.fuzz`; this is its command line.
 """
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_mean_recall", type=float, default=0.8,
                    help="fail when valid answers hold fewer exact top-k items than this on average (the index "
                         "is approximate; random items would score about k / num_items)")
-    p.add_argument("--model_base_path", help="fuzz a copy of <this>/<model_name> instead of a new demo export")
+    p.add_argument("--model_base_path", help="fuzz a copy of this model directory (its version directories) "
+                                             "instead of a new demo export")
     p.add_argument("--model_name", default="csmf")
     p.add_argument("--num_items", type=int, default=2000)
     p.add_argument("--num_users", type=int, default=200)

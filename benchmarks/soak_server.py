@@ -2,12 +2,13 @@
 
     python benchmarks/soak_server.py                          # 10 minutes at 200 req/s, 2 hot swaps
     python benchmarks/soak_server.py --duration 20 --rate 50  # the short version the tests run
-    python benchmarks/soak_server.py --model_base_path DIR    # serve a copy of DIR's versions instead
+    python benchmarks/soak_server.py --model_base_path DIR    # serve a copy of model directory DIR's versions
 
 What it does:
 
 1. exports a demo model (``python -m pipelines.export --demo``, ScaNN index) unless ``--model_base_path``
-   is given (its ``<model_name>`` directory is copied, so the soak's own exports never touch it);
+   (a model directory, as the server takes it) is given: its versions are copied, so the soak's own
+   exports never touch it;
 2. starts the server as its own process (``python -m pipelines.serve``), as in production;
 3. sends requests at a fixed rate (open loop: request ``i`` is due at ``t0 + i / rate`` whatever
    the server's latency), ``--rest_fraction`` of them over REST and the rest over gRPC, each with a
@@ -227,13 +228,13 @@ def run_soak(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
     export_log = workdir / "export.log"
     initial_export_s = None
     if args.model_base_path:
-        shutil.copytree(Path(args.model_base_path) / args.model_name, base / args.model_name,
+        shutil.copytree(Path(args.model_base_path), base / args.model_name,
                         ignore=shutil.ignore_patterns(".tmp-*"))
     else:
         _, _, initial_export_s = export_demo(base, args.model_name, args.num_items, args.num_users, args.dim,
                                              0, export_log)
         log(f"exported version 1 ({args.num_items:,} items, D={args.dim}) in {initial_export_s:.1f}s")
-    server = ServerProcess(base, args.model_name, workdir,
+    server = ServerProcess(base / args.model_name, args.model_name, workdir,
                            ["--file_system_poll_wait_seconds", str(args.poll_s)])
     log(f"server pid {server.pid}: gRPC {server.grpc_target}, REST {server.rest_host}:{server.rest_port}")
     initial_versions = sorted(int(p.name) for p in (base / args.model_name).iterdir() if p.name.isdigit())
@@ -469,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of --duration at which a new version is exported under load")
     p.add_argument("--swap_timeout_s", type=float, default=300.0,
                    help="how long a swap may take (export + load) before the run gives up on it")
-    p.add_argument("--model_base_path", help="serve a copy of <this>/<model_name> instead of a new demo export")
+    p.add_argument("--model_base_path", help="serve a copy of this model directory (its version directories) "
+                                             "instead of a new demo export")
     p.add_argument("--model_name", default="csmf")
     p.add_argument("--num_items", type=int, default=10_000)
     p.add_argument("--num_users", type=int, default=1000)

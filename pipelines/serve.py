@@ -1,11 +1,17 @@
-"""Serve exported CSMF models with TF Serving's gRPC and REST APIs.
+"""Serve exported CSMF models with TF Serving's gRPC and REST APIs, configured as tensorflow_model_server is.
 
-    python -m pipelines.serve --model_base_path saved_models --model_name csmf --port 8500 --rest_api_port 8501
+    python -m pipelines.serve --model_name csmf --model_base_path saved_models/csmf --port 8500 --rest_api_port 8501
+    python -m pipelines.serve --model_config_file models.config --model_config_file_poll_wait_seconds 30 \
+        --monitoring_config_file monitoring.config
 
-Serves the highest version under <model_base_path>/<model_name>/, picks up new versions as they are
-exported (hot swap, no failed requests), refuses broken ones. SIGTERM / Ctrl-C: stop accepting, finish
-in-flight requests, exit 0. Use --port 0 / --rest_api_port 0 for free ports (reported on stdout and in
---port_file).
+--model_base_path is the model's own directory, holding its version subdirectories (as in TF Serving);
+--model_config_file is TF Serving's ModelServerConfig text proto (several models, each with its own
+base_path, model_version_policy and version_labels), re-read every --model_config_file_poll_wait_seconds
+(0: never); --monitoring_config_file is TF Serving's MonitoringConfig (Prometheus metrics on the REST
+port). New versions are picked up as they are exported (hot swap, no failed requests), broken ones
+refused. A bad config stops the start-up with one line naming the file (or flag) and the field.
+SIGTERM / Ctrl-C: stop accepting, finish in-flight requests, exit 0. Use --port 0 / --rest_api_port 0
+for free ports (reported on stdout and in --port_file).
 """
 from __future__ import annotations
 
@@ -23,17 +29,26 @@ import csmf_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (TF Serving's names where it has one)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_base_path", default="saved_models",
-                   help="parent of the model directory (versions live in <model_base_path>/<model_name>/)")
-    p.add_argument("--model_name", default="csmf")
+    p.add_argument("--model_name", help="name of the single served model (default: csmf; not with "
+                                        "--model_config_file)")
+    p.add_argument("--model_base_path", help="the model's directory, holding its version subdirectories "
+                                             "(e.g. saved_models/csmf; not with --model_config_file)")
+    p.add_argument("--model_config_file", help="TF Serving ModelServerConfig text proto: several models, each with "
+                                               "base_path, model_version_policy and version_labels")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                   help="how often to re-read --model_config_file (0: never)")
+    p.add_argument("--monitoring_config_file", help="TF Serving MonitoringConfig text proto; prometheus_config "
+                                                    "serves Prometheus metrics on the REST port")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free port)")
     p.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0: any free port, -1: off)")
     p.add_argument("--port_file", help="write {\"grpc_port\": .., \"rest_port\": ..} here once serving")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=2.0,
                    help="how often to look for new versions (0: never)")
-    p.add_argument("--num_versions", type=int, default=1, help="serve the N highest versions")
-    p.add_argument("--version_label", action="append", default=[], metavar="LABEL=VERSION")
+    p.add_argument("--num_versions", type=int, default=1,
+                   help="single-model form: serve the N highest versions (a config file sets model_version_policy)")
+    p.add_argument("--version_label", action="append", default=[], metavar="LABEL=VERSION",
+                   help="single-model form: a version label (a config file sets version_labels)")
     p.add_argument("--enable_batching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max_batch_size", type=int, default=64)
     p.add_argument("--batch_timeout_micros", type=int, default=2000)
@@ -59,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from csmf_tf.serving.batching import BatchingOptions
     from csmf_tf.serving.core import Limits
-    from csmf_tf.serving.server import ModelServer, ServerOptions
-
     from csmf_tf.serving.layout import parse_version
+    from csmf_tf.serving.model_config import ModelConfigError
+    from csmf_tf.serving.monitoring import MonitoringConfigError
+    from csmf_tf.serving.server import ModelServer, ServerOptions
 
     labels = {}
     for item in args.version_label:
@@ -75,10 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(
         host=args.host, port=args.port, rest_api_port=None if args.rest_api_port < 0 else args.rest_api_port,
         poll_interval_s=args.file_system_poll_wait_seconds, num_versions=args.num_versions,
-        version_labels=labels, batching=batching,
+        version_labels=labels, model_config_file=args.model_config_file,
+        model_config_file_poll_wait_s=args.model_config_file_poll_wait_seconds,
+        monitoring_config_file=args.monitoring_config_file, batching=batching,
         limits=Limits(args.max_request_batch_size, args.max_message_bytes, args.request_timeout_s),
         grpc_max_workers=args.grpc_max_workers, max_concurrent_rpcs=args.grpc_max_concurrent_rpcs)
-    server = ModelServer(args.model_base_path, args.model_name, options)
+    # The single-model form names its model csmf by default; with a config file any name is an error.
+    model_name = args.model_name or ("csmf" if args.model_config_file is None else None)
+    try:
+        server = ModelServer(args.model_base_path, model_name, options)
+    except (ModelConfigError, MonitoringConfigError) as e:
+        raise SystemExit(f"serve: error: {str(e).replace(chr(10), ' ')}") from None   # one line
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -89,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     grpc_port, rest_port = server.start()
     rest = f"{args.host}:{rest_port}" if rest_port is not None else "off"
-    print(f"serving {args.model_name} versions {server.registry.served_versions()} "
-          f"gRPC {args.host}:{grpc_port} REST {rest}", flush=True)
+    print(f"serving {server.models.describe()}: gRPC {args.host}:{grpc_port} REST {rest}"
+          + (f" metrics {server.metrics_path}" if server.metrics_path else ""), flush=True)
     if args.port_file:
         tmp = f"{args.port_file}.tmp"
         with open(tmp, "w") as f:

@@ -29,4 +29,4 @@ def export_and_query(model: CascadeTwoTower, data: PreparedData, config, out: Pa
         extra_assets={"training_config.json": config.to_json(), "unit_ownership.json": ownership_map(model)},
         warmup_inputs=user, popularity_prior=prior, granularity=config.granularity)
     print(f"\nexported {version_dir}", flush=True)
-    return serve_and_query_once(base_path, model_name, user, config.fusion_weights, k=10)
+    return serve_and_query_once(Path(version_dir).parent, model_name, user, config.fusion_weights, k=10)

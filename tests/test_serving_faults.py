@@ -111,7 +111,7 @@ def _status(model_stub) -> dict[int, get_model_status_pb2.ModelVersionStatus]:
 def served(exported, tmp_path):
     """A server on a private copy of version 1 (poll thread on; tests also poll synchronously)."""
     base = _copy_base(exported, tmp_path / "base")
-    srv = ModelServer(base, "csmf", port=0, rest_api_port=0, poll_interval_s=0.2,
+    srv = ModelServer(base / "csmf", "csmf", port=0, rest_api_port=0, poll_interval_s=0.2,
                       batching=BatchingOptions(max_batch_size=16, batch_timeout_s=0.002))
     srv.start()
     channel = grpc.insecure_channel(srv.grpc_target)
@@ -155,12 +155,13 @@ CORRUPTIONS = {
 
 def test_corrupt_versions_are_refused_while_the_previous_version_keeps_serving(served, towers):
     srv, model_dir, stub, model_stub = served
+    registry = srv.models.registry("csmf")
     before = _answer(stub, towers)
     rest_before = _rest_predict(srv, towers)
     assert before[0] == 1
     for version, (_, corrupt, _) in CORRUPTIONS.items():
         _publish_copy(model_dir, str(version), corrupt)
-    srv.registry.poll_once()                              # synchronous: every new directory has been tried
+    registry.poll_once()                                  # synchronous: every new directory has been tried
     status = _status(model_stub)
     assert sorted(status) == [1, *CORRUPTIONS]
     assert status[1].state == AVAILABLE
@@ -170,18 +171,18 @@ def test_corrupt_versions_are_refused_while_the_previous_version_keeps_serving(s
         message = s.status.error_message
         assert message.startswith("failed to load or warm up"), (what, message)
         assert needle.lower() in message.lower(), (what, message)
-    assert srv.registry.served_versions() == [1]
+    assert registry.served_versions() == [1]
     version, ids, scores = _answer(stub, towers)            # the same answer, from version 1
     assert version == 1 and np.array_equal(ids, before[1]) and np.array_equal(scores, before[2])
     assert _rest_predict(srv, towers) == rest_before
 
     # A refused version is retried once any of its files changes -- here the truncated data file of
     # version 4 is replaced by a good copy (neither saved_model.pb nor the version directory changes).
-    srv.registry.poll_once()
-    assert srv.registry.served_versions() == [1]          # unchanged files: not retried, still refused
+    registry.poll_once()
+    assert registry.served_versions() == [1]              # unchanged files: not retried, still refused
     shutil.copyfile(_data_file(model_dir / "1"), _data_file(model_dir / "4"))
-    srv.registry.poll_once()
-    assert srv.registry.served_versions() == [4]          # 5..8 stay refused; 4 is now the highest good one
+    registry.poll_once()
+    assert registry.served_versions() == [4]              # 5..8 stay refused; 4 is now the highest good one
     version, ids, scores = _answer(stub, towers)
     assert version == 4 and np.array_equal(ids, before[1]) and np.allclose(scores, before[2], atol=1e-6)
     status = _status(model_stub)
@@ -191,13 +192,14 @@ def test_corrupt_versions_are_refused_while_the_previous_version_keeps_serving(s
 
 def test_directory_names_that_are_not_versions_are_ignored(served, towers):
     srv, model_dir, stub, model_stub = served
+    registry = srv.models.registry("csmf")
     before = _answer(stub, towers)
     odd = ["notes", "v2", "-3", "1e3", "²", "０９", "１２", str(2 ** 63), "1" * 30, ".7", "7 ", " 8"]
     for name in odd:                                      # each one a complete, loadable copy of version 1
         _publish_copy(model_dir, name)
     (model_dir / "99").write_text("a file, not a directory")
-    srv.registry.poll_once()                              # must not raise on any of these names
-    assert srv.registry.served_versions() == [1]
+    registry.poll_once()                                  # must not raise on any of these names
+    assert registry.served_versions() == [1]
     assert sorted(_status(model_stub)) == [1]
     assert _answer(stub, towers)[0] == 1
     assert sorted(version_dirs(model_dir)) == [1]
@@ -206,8 +208,8 @@ def test_directory_names_that_are_not_versions_are_ignored(served, towers):
 
     # A real next version still gets the right number (max + 1) and is picked up.
     _publish_copy(model_dir, "2")
-    srv.registry.poll_once()
-    assert srv.registry.served_versions() == [2]
+    registry.poll_once()
+    assert registry.served_versions() == [2]
     version, ids, scores = _answer(stub, towers)
     assert version == 2 and np.array_equal(ids, before[1])
 
@@ -231,6 +233,7 @@ def _scratch_dirs(model_dir: Path) -> list[Path]:
 
 def test_export_killed_mid_write_leaves_no_version_and_the_next_export_recovers(served, towers):
     srv, model_dir, stub, model_stub = served
+    registry = srv.models.registry("csmf")
     before = _answer(stub, towers)
     proc = subprocess.Popen([sys.executable, "-c", _EXPORT_SCRIPT.format(base=str(model_dir.parent))], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2"),
@@ -262,8 +265,8 @@ def test_export_killed_mid_write_leaves_no_version_and_the_next_export_recovers(
     assert victim.is_dir()
     assert (model_dir / (victim.name + ".lock")).is_file()
     assert sorted(version_dirs(model_dir)) == [1]
-    srv.registry.poll_once()
-    assert srv.registry.served_versions() == [1] and sorted(_status(model_stub)) == [1]
+    registry.poll_once()
+    assert registry.served_versions() == [1] and sorted(_status(model_stub)) == [1]
     version, ids, scores = _answer(stub, towers)
     assert version == 1 and np.array_equal(ids, before[1]) and np.array_equal(scores, before[2])
 
@@ -282,8 +285,8 @@ def test_export_killed_mid_write_leaves_no_version_and_the_next_export_recovers(
         assert remove_stale_scratch_dirs(model_dir) == []            # nothing else is stale
     assert not live.exists() and not (model_dir / (live.name + ".lock")).exists()
     assert sorted(p.name for p in model_dir.iterdir()) == [".tmp-foreign", "1", "2"]
-    srv.registry.poll_once()
-    assert srv.registry.served_versions() == [2]
+    registry.poll_once()
+    assert registry.served_versions() == [2]
     version, ids, _ = _answer(stub, towers)                  # same towers, so the same items
     assert version == 2 and np.array_equal(ids, before[1])
 
@@ -296,10 +299,10 @@ def benchmark_runs(exported, tmp_path_factory):
     work = tmp_path_factory.mktemp("benchmarks")
     runs = {
         "soak": ("soak_server.py", [
-            "--duration", "20", "--rate", "40", "--model_base_path", str(exported), "--num_users", "30",
+            "--duration", "20", "--rate", "40", "--model_base_path", str(exported / "csmf"), "--num_users", "30",
             "--num_items", "400", "--dim", "16", "--swap_at", "0.1", "--rss_interval_s", "1", "--warmup_s", "5"]),
         "fuzz": ("fuzz_server.py", [
-            "--requests", "500", "--seed", "7", "--model_base_path", str(exported), "--num_users", "30",
+            "--requests", "500", "--seed", "7", "--model_base_path", str(exported / "csmf"), "--num_users", "30",
             "--max_message_bytes", str(1 << 20), "--deadline_s", "60"]),
     }
     procs = {}

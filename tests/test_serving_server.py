@@ -58,7 +58,7 @@ def model_v1(towers, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_v1):
     base, _ = model_v1
-    srv = ModelServer(base, "csmf", port=0, rest_api_port=0, poll_interval_s=0.2,
+    srv = ModelServer(base / "csmf", "csmf", port=0, rest_api_port=0, poll_interval_s=0.2,
                       batching=BatchingOptions(max_batch_size=32, batch_timeout_s=0.01),
                       limits=Limits(max_request_batch_size=MAX_ROWS, max_message_bytes=MAX_BYTES,
                                     request_timeout_s=20.0))
@@ -315,7 +315,7 @@ def test_rest_errors_are_json_with_http_codes(server, towers):
 # -- micro-batching --------------------------------------------------------------------------------------
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, towers, reference):
     model_batcher = None
-    with server.registry.acquire() as model:
+    with server.models.registry("csmf").acquire() as model:
         model_batcher = model.batcher
     runs_before = model_batcher.batches_run + model_batcher.inline_runs
     rng = np.random.default_rng(0)
@@ -472,9 +472,10 @@ def _wait_for(predicate, timeout=60.0):
 def test_hot_swap_under_load_then_broken_versions_are_refused(towers, tmp_path):
     base = tmp_path
     export(towers, base)
-    srv = ModelServer(base, "csmf", port=0, rest_api_port=0, poll_interval_s=0.1,
+    srv = ModelServer(base / "csmf", "csmf", port=0, rest_api_port=0, poll_interval_s=0.1,
                       batching=BatchingOptions(max_batch_size=16, batch_timeout_s=0.002))
     srv.start()
+    registry = srv.models.registry("csmf")
     try:
         users = users_np(towers, slice(0, 2))
         stop = threading.Event()
@@ -503,10 +504,10 @@ def test_hot_swap_under_load_then_broken_versions_are_refused(towers, tmp_path):
             t.start()
         try:
             assert _wait_for(lambda: len(versions) > 5)
-            with srv.registry.acquire() as old:
+            with registry.acquire() as old:
                 pass
             export(towers, base, weights=(0.0, 0.0, 1.0))           # version 2 appears during the burst
-            assert _wait_for(lambda: srv.registry.served_versions() == [2])
+            assert _wait_for(lambda: registry.served_versions() == [2])
             n = len(versions)
             assert _wait_for(lambda: len(versions) > n + 5)
         finally:
@@ -548,7 +549,7 @@ def test_hot_swap_under_load_then_broken_versions_are_refused(towers, tmp_path):
         states = refused()
         assert states[3]["status"]["error_code"] == "UNKNOWN" and "failed to load" in states[3]["status"]["error_message"]
         assert "k_max" in states[4]["status"]["error_message"]
-        assert states[2]["state"] == "AVAILABLE" and srv.registry.served_versions() == [2]
+        assert states[2]["state"] == "AVAILABLE" and registry.served_versions() == [2]
         with GrpcRetrievalClient(srv.grpc_target, "csmf") as c:
             assert c.retrieve(users, k=3).version == 2
     finally:
@@ -567,30 +568,38 @@ def test_a_port_in_use_is_a_clear_error_and_releases_everything(model_v1):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        srv = ModelServer(base, "csmf", port=port, rest_api_port=None, poll_interval_s=0, warmup=False)
+        srv = ModelServer(base / "csmf", "csmf", port=port, rest_api_port=None, poll_interval_s=0, warmup=False)
         with pytest.raises(OSError, match=f"cannot bind gRPC to 127.0.0.1:{port}"):
             srv.start()
     assert srv.wait(timeout=5)                # stopped: registry unloaded, event-loop thread ended
     assert loop_threads() == before
 
 
-def test_serve_cli_drains_and_exits_zero_on_sigterm(model_v1, tmp_path, towers):
+def test_serve_cli_single_model_command_answers_then_drains_on_sigterm(model_v1, tmp_path, towers):
+    """The single-model command as tensorflow_model_server takes it: --model_base_path is the model's
+    own directory (a relative one resolves in the server's working directory), served under --model_name."""
     base, _ = model_v1
+    shutil.copytree(base / "csmf", tmp_path / "saved_models" / "demo")
     port_file = tmp_path / "ports.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--model_base_path", str(base),
-                             "--model_name", "csmf", "--port", "0", "--rest_api_port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--model_name", "demo", "--model_base_path",
+                             "saved_models/demo", "--rest_api_port", "0", "--port", "0",
                              "--port_file", str(port_file), "--file_system_poll_wait_seconds", "0"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert _wait_for(port_file.exists, timeout=120), proc.stdout.read().decode() if proc.poll() else ""
         ports = json.loads(port_file.read_text())
-        with GrpcRetrievalClient(f"127.0.0.1:{ports['grpc_port']}", "csmf") as c:
-            assert c.retrieve(users_np(towers, slice(0, 1)), k=3).version == 1
+        user = users_np(towers, slice(0, 1))
+        with GrpcRetrievalClient(f"127.0.0.1:{ports['grpc_port']}", "demo") as c:
+            via_grpc = c.retrieve(user, k=3)
+        via_rest = RestRetrievalClient(f"http://127.0.0.1:{ports['rest_port']}", "demo").retrieve(user, None, 3)
+        assert via_grpc.version == 1 and via_grpc.item_ids == via_rest.item_ids and len(via_grpc.item_ids[0]) == 3
+        code, body = http("GET", f"http://127.0.0.1:{ports['rest_port']}/v1/models/csmf")   # not served here
+        assert code == 404 and "Servable not found" in body["error"] and "csmf" in body["error"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read().decode()
-        assert "server stopped" in output
+        assert "serving demo versions [1]" in output and "server stopped" in output
         with socket.socket() as s:                     # the port is closed
             assert s.connect_ex(("127.0.0.1", ports["grpc_port"])) != 0
     finally:
@@ -626,7 +635,7 @@ def test_serve_and_query_once_agrees(model_v1, towers, reference, capsys):
     u = users_np(towers, slice(7, 8))
     plain = {"user_id": [str(u["user_id"][0])], "age": [int(round(float(u["age"][0])))],   # Python ints
              "city": [str(u["city"][0])]}                                              # for a float input
-    result = serve_and_query_once(base, "csmf", plain, [0.5, 1.0, 1.5], 6)
+    result = serve_and_query_once(base / "csmf", "csmf", plain, [0.5, 1.0, 1.5], 6)
     want = expected(reference, dict(u, age=np.asarray(plain["age"], np.float32)), [0.5, 1.0, 1.5], 6)
     assert result["agree"] is True and result["version"] == 1
     assert result["grpc"]["item_ids"] == result["rest"]["item_ids"] == [want["item_ids"][0].astype(str).tolist()]

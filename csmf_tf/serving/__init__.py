@@ -3,7 +3,8 @@
 - :func:`export_retrieval_model` (``csmf_tf.serving.export``): towers + ScaNN / exact index -> SavedModel
   in TF Serving's ``<base>/<name>/<version>/`` layout (atomic, verified).
 - :class:`ModelServer` (``csmf_tf.serving.server``): gRPC PredictionService / ModelService and the REST API,
-  hot-swapping new versions, micro-batching, limits.
+  one model or a TF Serving model config file (reloaded while serving), hot-swapping new versions,
+  micro-batching, limits, Prometheus metrics.
 - :class:`GrpcRetrievalClient`, :class:`RestRetrievalClient` (``csmf_tf.serving.client``).
 
 Test and demo support (untrained towers, a gRPC + REST smoke check, the fuzz harness) lives in
@@ -24,6 +25,7 @@ _EXPORTS = {
     "RetrievalServingModule": "csmf_tf.serving.module",
     "ModelServer": "csmf_tf.serving.server",
     "ServerOptions": "csmf_tf.serving.server",
+    "ModelConfigError": "csmf_tf.serving.model_config",
     "BatchingOptions": "csmf_tf.serving.batching",
     "Limits": "csmf_tf.serving.core",
     "GrpcRetrievalClient": "csmf_tf.serving.client",

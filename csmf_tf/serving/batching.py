@@ -85,8 +85,9 @@ class RetrievalBatcher:
     """
 
     def __init__(self, run: RunFn, signature: SignatureInfo, options: BatchingOptions,
-                 name: str = "batcher") -> None:
+                 name: str = "batcher", on_run: Callable[[int], None] | None = None) -> None:
         self._run = run
+        self._on_run = on_run             # called with the rows of every graph run (metrics)
         self._sig = signature
         self._options = options
         self._queue: queue.Queue[_Task] = queue.Queue(maxsize=options.max_enqueued)
@@ -223,6 +224,7 @@ class RetrievalBatcher:
         inputs = dict(task.inputs)
         if task.k is not None:
             inputs[K_INPUT] = np.asarray(task.k, np.int32)
+        self._ran(task.rows)
         try:
             return self._run(inputs)
         except tf.errors.OpError as e:
@@ -253,6 +255,7 @@ class RetrievalBatcher:
         ks = [t.k for t in live]
         if ks[0] is not None:
             inputs[K_INPUT] = np.asarray(max(ks), np.int32)
+        self._ran(sum(t.rows for t in live))
         try:
             outputs = self._run(inputs)
         except Exception as e:  # noqa: BLE001 - isolate the culprit by re-running one by one
@@ -285,8 +288,19 @@ class RetrievalBatcher:
         self.batches_run += 1
         self.max_rows_seen = max(self.max_rows_seen, task.rows)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish queued work, then stop the threads."""
+    def _ran(self, rows: int) -> None:
+        if self._on_run is not None:
+            self._on_run(rows)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting in the queue for a batching thread to take them."""
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Finish queued work, then stop the threads; False when a thread is still running after ``timeout``."""
         self._stopping.set()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=timeout)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)

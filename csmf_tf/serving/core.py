@@ -19,7 +19,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from csmf_tf.serving.constants import RETRIEVAL_SIGNATURE
 from csmf_tf.serving.errors import ServingError, invalid, not_found
-from csmf_tf.serving.model_registry import LoadedModel, ModelRegistry, run_or_raise
+from csmf_tf.serving.model_registry import LoadedModel, ServedModels, run_or_raise
 from csmf_tf.serving.signatures import SignatureInfo
 from csmf_tf.serving.validation import validate_request
 
@@ -62,14 +62,9 @@ class _Call:
 class PredictionCore:
     """Resolve model/version/signature, validate, batch or run, filter outputs."""
 
-    def __init__(self, registry: ModelRegistry, limits: Limits | None = None) -> None:
-        self.registry = registry
+    def __init__(self, models: ServedModels, limits: Limits | None = None) -> None:
+        self.models = models
         self.limits = limits or Limits()
-
-    def _check_model(self, model_name: str) -> None:
-        if model_name != self.registry.model_name:
-            raise not_found(f"Servable not found for request: model {model_name!r} is not served "
-                            f"(serving {self.registry.model_name!r})")
 
     def deadline(self, client_remaining_s: float | None) -> float:
         """Absolute (monotonic) deadline: the client's, capped by the server's request timeout."""
@@ -112,11 +107,11 @@ class PredictionCore:
     def _prepared(self, model_name: str, inputs: Inputs, version: int | None, version_label: str | None,
                   signature_name: str, output_filter: Sequence[str], deadline: float | None) -> Iterator[_Call]:
         """Resolve and validate a request; the model version stays pinned until the block exits."""
-        self._check_model(model_name)
+        registry = self.models.registry(model_name)
         signature_name = signature_name or RETRIEVAL_SIGNATURE
         if deadline is not None and time.monotonic() >= deadline:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the request ran")
-        with self.registry.acquire(version, version_label) as model:
+        with registry.acquire(version, version_label) as model:
             sig = model.signatures.get(signature_name)
             if sig is None:
                 raise not_found(f"signature {signature_name!r} not found in {model_name} version "
@@ -142,8 +137,7 @@ class PredictionCore:
     def metadata(self, model_name: str, version: int | None = None, version_label: str | None = None
                  ) -> tuple[int, get_model_metadata_pb2.SignatureDefMap]:
         """``(version, SignatureDefs)`` for GetModelMetadata; the SignatureDefs as saved."""
-        self._check_model(model_name)
-        with self.registry.acquire(version, version_label) as model:
+        with self.models.registry(model_name).acquire(version, version_label) as model:
             sig_map = get_model_metadata_pb2.SignatureDefMap()
             for name, sig in model.signature_defs.items():
                 sig_map.signature_def[name].CopyFrom(sig)
@@ -151,9 +145,8 @@ class PredictionCore:
 
     def status(self, model_name: str, version: int | None = None) -> get_model_status_pb2.GetModelStatusResponse:
         """GetModelStatus: the state of every version seen, or of ``version``."""
-        self._check_model(model_name)
         response = get_model_status_pb2.GetModelStatusResponse()
-        for state in self.registry.version_states(version):
+        for state in self.models.registry(model_name).version_states(version):
             entry = response.model_version_status.add()
             entry.version = state.version
             entry.state = _STATES.Value(state.state)

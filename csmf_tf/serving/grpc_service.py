@@ -3,7 +3,8 @@
 Any stock TF Serving client (``prediction_service_pb2_grpc.PredictionServiceStub``) works unchanged.
 The services are coroutines on a ``grpc.aio`` server (:class:`GrpcServer`) with its own event-loop
 thread, so waiting requests hold no threads; the model runs in the batching thread. Every RPC goes
-through :func:`rpc_method`, the one place where failures become gRPC statuses.
+through :func:`rpc_method`, the one place where failures become gRPC statuses and where every RPC is
+counted and timed (:class:`csmf_tf.serving.monitoring.ServingMetrics`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from concurrent import futures
 from typing import Awaitable, Callable
 
@@ -23,6 +25,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 from csmf_tf.serving.core import PredictionCore
 from csmf_tf.serving.errors import ServingError, invalid
 from csmf_tf.serving.grpc_codec import decode_inputs, numpy_to_tensor_proto
+from csmf_tf.serving.monitoring import ServingMetrics
 from csmf_tf.serving.signatures import SignatureInfo
 
 log = logging.getLogger(__name__)
@@ -40,24 +43,68 @@ class _Undecodable:
 RpcMethod = Callable[[object, object, grpc.aio.ServicerContext], Awaitable[object]]
 
 
+def _answered_by(request: object, response: object) -> tuple[str, int | None, str]:
+    """``(model, version, signature)`` of an RPC for the metrics: the model asked for, and the version
+    and signature that answered (from the response's ``model_spec``; none when it failed)."""
+    spec = getattr(request, "model_spec", None)
+    model = spec.name if spec is not None else ""
+    answered = getattr(response, "model_spec", None)
+    if answered is None:
+        return model, None, ""
+    version = answered.version.value if answered.HasField("version") else None
+    return model, version, answered.signature_name
+
+
 def rpc_method(method: RpcMethod) -> RpcMethod:
-    """Map what a servicer method raises to the RPC's status, as TF Serving answers.
+    """Map what a servicer method raises to the RPC's status, as TF Serving answers, and count the RPC.
 
     :class:`ServingError` -> its own code; a request that did not parse (:class:`_Undecodable`) ->
-    INVALID_ARGUMENT; anything else -> INTERNAL, logged, the server unharmed.
+    INVALID_ARGUMENT; anything else -> INTERNAL, logged, the server unharmed. The servicer's
+    ``metrics`` record every RPC with its method name, status code and latency.
     """
+    name = method.__name__
+
     @functools.wraps(method)
-    async def guarded(self: object, request: object, context: grpc.aio.ServicerContext) -> object:
+    async def guarded(self: "_Servicer", request: object, context: grpc.aio.ServicerContext) -> object:
+        started = time.perf_counter()
+        code, response = grpc.StatusCode.OK, None
         try:
-            if isinstance(request, _Undecodable):
-                raise invalid(request.message)
-            return await method(self, request, context)
-        except ServingError as e:
-            await context.abort(e.code, e.message)
-        except Exception as e:  # noqa: BLE001 - never crash the server on one request
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+            try:
+                if isinstance(request, _Undecodable):
+                    raise invalid(request.message)
+                response = await method(self, request, context)
+                return response
+            except ServingError as e:
+                code = e.code
+                await context.abort(e.code, e.message)
+            except asyncio.CancelledError:   # the client went away or the server is stopping
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:  # noqa: BLE001 - never crash the server on one request
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", name)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+        finally:
+            model, version, signature = _answered_by(request, response)
+            self.metrics.observe_request("grpc", name, model, version, signature, code.name,
+                                         time.perf_counter() - started)
     return guarded
+
+
+class _Servicer:
+    """What :func:`rpc_method` needs of a servicer: the core and the metrics."""
+
+    def __init__(self, core: PredictionCore, metrics: ServingMetrics) -> None:
+        self.core = core
+        self.metrics = metrics
+
+
+def _unimplemented(name: str, message: str) -> RpcMethod:
+    """An RPC answering UNIMPLEMENTED, counted under its own method name."""
+    async def unimplemented(self: _Servicer, request: object, context: grpc.aio.ServicerContext) -> None:
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED, message)
+    unimplemented.__name__ = unimplemented.__qualname__ = name
+    return rpc_method(unimplemented)
 
 
 def _version_of(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
@@ -69,7 +116,7 @@ def _version_of(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
     return None, None
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
     """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata; the rest UNIMPLEMENTED.
 
     The methods are coroutines for a ``grpc.aio`` server: decoding and encoding run on the event
@@ -77,8 +124,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     holds a thread while it waits for its batch.
     """
 
-    def __init__(self, core: PredictionCore, executor: futures.Executor | None = None) -> None:
-        self.core = core
+    def __init__(self, core: PredictionCore, metrics: ServingMetrics,
+                 executor: futures.Executor | None = None) -> None:
+        super().__init__(core, metrics)
         self.executor = executor
 
     @rpc_method
@@ -122,21 +170,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.metadata["signature_def"].Pack(sig_map)
         return response
 
-    @rpc_method
-    async def _unimplemented(self, request: object, context: grpc.aio.ServicerContext) -> None:
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                           "only Predict and GetModelMetadata are served (the model has predict signatures)")
-
-    Classify = _unimplemented
-    Regress = _unimplemented
-    MultiInference = _unimplemented
+    _ONLY_PREDICT = "only Predict and GetModelMetadata are served (the model has predict signatures)"
+    Classify = _unimplemented("Classify", _ONLY_PREDICT)
+    Regress = _unimplemented("Regress", _ONLY_PREDICT)
+    MultiInference = _unimplemented("MultiInference", _ONLY_PREDICT)
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     """``tensorflow.serving.ModelService``: GetModelStatus; config reloads are UNIMPLEMENTED."""
-
-    def __init__(self, core: PredictionCore) -> None:
-        self.core = core
 
     @rpc_method
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
@@ -144,10 +185,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         version = request.model_spec.version.value if request.model_spec.HasField("version") else None
         return self.core.status(request.model_spec.name, version)
 
-    @rpc_method
-    async def HandleReloadConfigRequest(self, request: object, context: grpc.aio.ServicerContext) -> None:
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                           "model config reloads are not supported; new versions are picked up from disk")
+    HandleReloadConfigRequest = _unimplemented(
+        "HandleReloadConfigRequest", "config reloads over RPC are not supported: edit the --model_config_file "
+        "(re-read every --model_config_file_poll_wait_seconds); new versions are picked up from disk")
 
 
 def _lenient_deserializer(message_cls: type) -> Callable[[bytes], object]:
@@ -201,8 +241,9 @@ class GrpcServer:
     """
 
     def __init__(self, core: PredictionCore, host: str, port: int, max_workers: int = 32,
-                 max_concurrent_rpcs: int | None = 256) -> None:
+                 max_concurrent_rpcs: int | None = 256, metrics: ServingMetrics | None = None) -> None:
         self._core = core
+        self._metrics = metrics if metrics is not None else ServingMetrics()
         self._address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self._max_concurrent_rpcs = max_concurrent_rpcs
         self._executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
@@ -226,8 +267,9 @@ class GrpcServer:
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                      ("grpc.so_reuseport", 0)])
         _add_service(server, "tensorflow.serving.PredictionService",
-                     PredictionServicer(self._core, self._executor), _PREDICTION_METHODS)
-        _add_service(server, "tensorflow.serving.ModelService", ModelServicer(self._core), _MODEL_METHODS)
+                     PredictionServicer(self._core, self._metrics, self._executor), _PREDICTION_METHODS)
+        _add_service(server, "tensorflow.serving.ModelService", ModelServicer(self._core, self._metrics),
+                     _MODEL_METHODS)
         try:
             port = server.add_insecure_port(self._address)
         except RuntimeError as e:   # grpc.aio raises where the sync server returned 0

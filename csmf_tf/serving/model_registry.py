@@ -1,12 +1,16 @@
-"""Loading, warming up, hot-swapping and retiring the versions of one model.
+"""Loading, warming up, hot-swapping and retiring the versions of the served models.
 
-``<base_path>/<model_name>/<version>/`` directories with an integer name are versions; anything else
-(``.tmp-*`` directories of an export in progress, files) is ignored. The registry serves the
-``num_versions`` highest versions that load and pass their warm-up (plus any version a label points
-to). A poll thread rescans the directory: a new version is loaded and warmed up *before* it replaces
-the old one; a version that fails to load or to warm up is refused (logged, reported by
-GetModelStatus) and the previous one keeps serving. A replaced version is retired: requests already
-holding it finish on it (reference count), then its batcher stops and it is dropped.
+A model's ``base_path`` (TF Serving's meaning: the model's own directory) holds its versions:
+``<base_path>/<version>/`` directories with an integer name; anything else (``.tmp-*`` directories of
+an export in progress, files) is ignored. :class:`ModelRegistry` serves the versions its
+``model_version_policy`` asks for (:mod:`csmf_tf.serving.model_config`): ``latest { num_versions: N }``
+the N highest versions that load and pass their warm-up, ``specific`` the listed ones that do,
+``all`` every one that does. A poll thread rescans the directory: a new version is loaded and warmed
+up *before* it replaces the old one; a version that fails to load or to warm up is refused (logged,
+counted, reported by GetModelStatus) and the previous one keeps serving. A replaced version is
+retired: requests already holding it finish on it (reference count), then its batcher stops and it
+is dropped. :class:`ServedModels` holds one registry per configured model and applies a new model
+config (models added, removed, re-pointed or given another policy or labels) while serving.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from csmf_tf.serving.batching import BatchingOptions, RetrievalBatcher
 from csmf_tf.serving.constants import INIT_OP_SIGNATURE, MODEL_INFO_SIGNATURE, RETRIEVAL_SIGNATURE, WARMUP_FILE
 from csmf_tf.serving.errors import ServingError, clean_tf_message, from_tf_error, not_found
 from csmf_tf.serving.layout import version_dirs
+from csmf_tf.serving.model_config import ModelConfig, ModelServerConfig, describe_policy, latest_count
+from csmf_tf.serving.monitoring import ServingMetrics
 from csmf_tf.serving.signatures import SignatureInfo
 from csmf_tf.serving.validation import ModelInfo
 
@@ -43,7 +49,8 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """One loaded, warmed-up version: its SavedModel, SignatureDefs, ``model_info`` and batcher."""
 
-    def __init__(self, name: str, version: int, path: Path, batching: BatchingOptions | None) -> None:
+    def __init__(self, name: str, version: int, path: Path, batching: BatchingOptions | None,
+                 metrics: ServingMetrics | None = None) -> None:
         self.name = name
         self.version = version
         self.path = path
@@ -65,11 +72,13 @@ class LoadedModel:
         self._refs = 0
         self._retired = False
         self._closed = threading.Event()
+        self._metrics = metrics
         self.batcher: RetrievalBatcher | None = None
         if batching is not None and RETRIEVAL_SIGNATURE in self.signatures:
+            on_run = metrics.batch_size.labels(name, str(version)).observe if metrics is not None else None
             self.batcher = RetrievalBatcher(
                 lambda inputs: self.run(RETRIEVAL_SIGNATURE, inputs), self.signatures[RETRIEVAL_SIGNATURE],
-                batching, name=f"{name}-v{version}-batcher")
+                batching, name=f"{name}-v{version}-batcher", on_run=on_run)
 
     def _model_info(self) -> ModelInfo | None:
         """What a CSMF export says about itself (objectives, ``k_max``); ``None`` for other SavedModels,
@@ -152,8 +161,11 @@ class LoadedModel:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self.batcher is not None:
-            self.batcher.stop()
+        if self.batcher is not None and not self.batcher.stop():
+            log.error("unloading %s version %d: its batching threads did not stop", self.name, self.version)
+            if self._metrics is not None:
+                self._metrics.unload_failures.labels(self.name).inc()
+            return
         log.info("unloaded %s version %d", self.name, self.version)
 
     @property
@@ -203,20 +215,21 @@ def _fingerprint(path: Path) -> tuple:
 
 
 class ModelRegistry:
-    """Versions of ``<base_path>/<model_name>`` (see module docstring)."""
+    """The versions of one model, from its ``ModelConfig`` (checked by :mod:`csmf_tf.serving.model_config`)."""
 
-    def __init__(self, base_path: str | os.PathLike, model_name: str, poll_interval_s: float = 2.0,
-                 num_versions: int = 1, version_labels: Mapping[str, int] | None = None,
-                 batching: BatchingOptions | None = None, warmup: bool = True) -> None:
-        if num_versions < 1:
-            raise ValueError("num_versions must be >= 1")
-        self.model_name = model_name
-        self.model_dir = Path(base_path) / model_name
+    def __init__(self, config: ModelConfig, poll_interval_s: float = 2.0, batching: BatchingOptions | None = None,
+                 warmup: bool = True, metrics: ServingMetrics | None = None) -> None:
+        self.model_name = config.name
+        self.model_dir = Path(config.base_path)
+        self._config = ModelConfig()
+        self._config.CopyFrom(config)
         self.poll_interval_s = poll_interval_s
-        self.num_versions = num_versions
-        self.version_labels = dict(version_labels or {})
         self.batching = batching
         self.warmup = warmup
+        self.metrics = metrics
+        if metrics is not None:   # the model's failure counters exist (at 0) from the start, for alerts
+            metrics.load_failures.labels(self.model_name)
+            metrics.unload_failures.labels(self.model_name)
         self._lock = threading.Lock()
         self._served: dict[int, LoadedModel] = {}
         self._states: dict[int, VersionState] = {}
@@ -224,6 +237,25 @@ class ModelRegistry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
+
+    @property
+    def version_labels(self) -> dict[str, int]:
+        """``version_labels`` of the model's config."""
+        return dict(self._config.version_labels)
+
+    def describe_policy(self) -> str:
+        """The version policy in a few words."""
+        return describe_policy(self._config)
+
+    def reconfigure(self, config: ModelConfig) -> None:
+        """Take a new version policy and labels for the same model directory, and apply them now."""
+        if config.name != self.model_name or not _same_dir(config.base_path, self.model_dir):
+            raise ValueError(f"reconfigure keeps the model and its directory ({self.model_name}, {self.model_dir})")
+        new = ModelConfig()
+        new.CopyFrom(config)
+        with self._poll_lock:
+            self._config = new
+        self.poll_once()
 
     # -- discovery / loading -------------------------------------------------------------------------
     def _on_disk(self) -> dict[int, Path]:
@@ -240,12 +272,14 @@ class ModelRegistry:
         t0 = time.perf_counter()
         model = None
         try:
-            model = LoadedModel(self.model_name, version, path, self.batching)
+            model = LoadedModel(self.model_name, version, path, self.batching, self.metrics)
             n = model.warm_up() if self.warmup else 0
         except Exception as e:  # noqa: BLE001 - a broken version must never take the server down
             message = (clean_tf_message(e.message) if isinstance(e, tf.errors.OpError) else str(e)).strip()
             text = message.splitlines()[0] if message else type(e).__name__
             log.error("refusing %s version %d (%s): %s", self.model_name, version, path, text)
+            if self.metrics is not None:
+                self.metrics.load_failures.labels(self.model_name).inc()
             if model is not None:
                 model.retire()
             with self._lock:
@@ -258,16 +292,21 @@ class ModelRegistry:
         return model
 
     def poll_once(self) -> None:
-        """Rescan the model directory and load / retire versions accordingly (thread-safe)."""
+        """Rescan the model directory and load / retire versions by the version policy (thread-safe)."""
         with self._poll_lock:
             disk = self._on_disk()
             for v in [v for v, fp in self._refused.items() if v not in disk or _fingerprint(disk[v]) != fp]:
                 del self._refused[v]      # rewritten or removed: forget the refusal
             candidates = sorted((v for v in disk if v not in self._refused), reverse=True)
-            labelled = {v for v in self.version_labels.values() if v in disk and v not in self._refused}
+            policy = self._config.model_version_policy
+            choice = policy.WhichOneof("policy_choice")
+            if choice == "specific":
+                candidates = [v for v in candidates if v in set(policy.specific.versions)]
+            # latest N: the N highest that load (a refused one gives way to the next); all / specific: each
+            limit = len(candidates) if choice in ("all", "specific") else latest_count(self._config)
             wanted: list[int] = []
             for v in candidates:
-                if len(wanted) >= self.num_versions:
+                if len(wanted) >= limit:
                     break
                 if v in self._served:
                     wanted.append(v)
@@ -279,13 +318,7 @@ class ModelRegistry:
                     self._served[v] = model
                     self._states[v] = VersionState(v, "AVAILABLE")
                 wanted.append(v)
-            for v in labelled - set(self._served):
-                model = self._load(v, disk[v])
-                if model is not None:
-                    with self._lock:
-                        self._served[v] = model
-                        self._states[v] = VersionState(v, "AVAILABLE")
-            keep = set(wanted) | labelled
+            keep = set(wanted)
             with self._lock:
                 retired = [self._served.pop(v) for v in list(self._served) if v not in keep]
                 for m in retired:
@@ -323,13 +356,14 @@ class ModelRegistry:
     # -- lookup --------------------------------------------------------------------------------------
     def _pick_locked(self, version: int | None, label: str | None) -> LoadedModel:
         if label:
-            if label not in self.version_labels:
+            labels = self._config.version_labels
+            if label not in labels:
                 raise not_found(f"unrecognized servable version label: {label}")
-            version = self.version_labels[label]
+            version = labels[label]
         if version is None:
             if not self._served:
                 raise not_found(f"Servable not found for request: Latest({self.model_name})")
-            version = max(self._served)   # labelled extras are never above the latest loaded
+            version = max(self._served)
         model = self._served.get(version)
         if model is None:
             raise not_found(f"Servable not found for request: Specific({self.model_name}, {version})")
@@ -366,6 +400,115 @@ class ModelRegistry:
             if not self._states:
                 raise not_found(f"Could not find any versions of model {self.model_name}")
             return [dataclasses.replace(s) for _, s in sorted(self._states.items(), reverse=True)]
+
+    def queue_depths(self) -> dict[int, int | None]:
+        """``{version: requests waiting in its batching queue}`` of the served versions (None: no batcher)."""
+        with self._lock:
+            served = list(self._served.values())
+        return {m.version: (m.batcher.queue_depth if m.batcher is not None else None) for m in served}
+
+
+def _same_dir(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+class ServedModels:
+    """Every served model by name, one :class:`ModelRegistry` each, as a ``ModelServerConfig`` says.
+
+    :meth:`apply` makes the served set match a (checked) config while requests keep flowing: a new
+    model is loaded before it becomes visible; a model whose ``base_path`` changed gets a new registry,
+    loaded before it replaces the old one; a model whose policy or labels changed is reconfigured in
+    place (new versions load before old ones retire); a model no longer configured is retired (its
+    in-flight requests finish first).
+    """
+
+    def __init__(self, poll_interval_s: float = 2.0, batching: BatchingOptions | None = None, warmup: bool = True,
+                 metrics: ServingMetrics | None = None) -> None:
+        self.poll_interval_s = poll_interval_s
+        self.batching = batching
+        self.warmup = warmup
+        self.metrics = metrics
+        self._registries: dict[str, ModelRegistry] = {}
+        self._lock = threading.Lock()         # guards the dict: lookups never wait for a load
+        self._apply_lock = threading.Lock()   # one apply at a time (start-up, reloads, stop)
+        self._stopped = False
+
+    def apply(self, config: ModelServerConfig) -> None:
+        """Serve exactly the models of ``config`` (see class docstring); versions that fail to load are
+        refused one by one (GetModelStatus, logs), never the whole config."""
+        with self._apply_lock:
+            if self._stopped:
+                raise RuntimeError("the served models were stopped")
+            wanted = {m.name: m for m in config.model_config_list.config}
+            with self._lock:
+                current = dict(self._registries)
+            for name, model in wanted.items():
+                old = current.get(name)
+                if old is not None and _same_dir(old.model_dir, model.base_path):
+                    old.reconfigure(model)
+                    continue
+                registry = ModelRegistry(model, self.poll_interval_s, self.batching, self.warmup, self.metrics)
+                registry.start()
+                with self._lock:
+                    self._registries[name] = registry
+                if old is not None:
+                    log.info("model %s moved from %s to %s", name, old.model_dir, registry.model_dir)
+                    old.stop()
+            for name in sorted(set(current) - set(wanted)):
+                with self._lock:
+                    registry = self._registries.pop(name)
+                log.info("model %s is no longer configured: unloading it", name)
+                registry.stop()
+            log.info("serving %s", self.describe())
+
+    def registry(self, model_name: str) -> ModelRegistry:
+        """The registry of a served model; NOT_FOUND (TF Serving's wording) for any other name."""
+        with self._lock:
+            registry = self._registries.get(model_name)
+        if registry is None:
+            raise not_found(f"Servable not found for request: Latest({model_name}) (model {model_name!r} is not "
+                            "served)")
+        return registry
+
+    def configured(self, model_name: str) -> bool:
+        """True when ``model_name`` is a served model (whether or not a version is loaded yet)."""
+        with self._lock:
+            return model_name in self._registries
+
+    def names(self) -> list[str]:
+        """Served model names, sorted."""
+        with self._lock:
+            return sorted(self._registries)
+
+    def served_versions(self) -> dict[str, list[int]]:
+        """``{model: versions serving}``."""
+        with self._lock:
+            registries = dict(self._registries)
+        return {name: registries[name].served_versions() for name in sorted(registries)}
+
+    def describe(self) -> str:
+        """``"a versions [1, 3] (policy: ...); b versions [2] (...)"`` for logs and the start-up line."""
+        with self._lock:
+            registries = dict(self._registries)
+        return "; ".join(f"{name} versions {r.served_versions()} ({r.describe_policy()})"
+                         for name, r in sorted(registries.items())) or "no model"
+
+    def snapshot(self) -> list[tuple[str, int, int | None]]:
+        """``(model, version, queue depth or None)`` of every served version (for the metrics)."""
+        with self._lock:
+            registries = dict(self._registries)
+        return [(name, version, depth) for name, r in sorted(registries.items())
+                for version, depth in sorted(r.queue_depths().items())]
+
+    def stop(self) -> None:
+        """Retire every model (in-flight requests finish first); no :meth:`apply` after this."""
+        with self._apply_lock:
+            self._stopped = True
+            with self._lock:
+                registries = list(self._registries.values())
+                self._registries.clear()
+        for registry in registries:
+            registry.stop()
 
 
 def run_or_raise(model: LoadedModel, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict:

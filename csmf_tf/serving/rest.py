@@ -9,11 +9,14 @@ Endpoints (as tensorflow.org/tfx/serving/api_rest documents them):
 - ``GET /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata`` -> signature defs.
 
 Errors are ``{"error": "..."}`` with the HTTP status of the gRPC code (:data:`errors.HTTP_STATUS`).
-The JSON codec is :mod:`csmf_tf.serving.rest_codec`; this module is the HTTP server around it.
+The JSON codec is :mod:`csmf_tf.serving.rest_codec`; this module is the HTTP server around it. Every
+answered request is counted and timed (:class:`csmf_tf.serving.monitoring.ServingMetrics`, ``code`` =
+the HTTP status); with a monitoring config, ``GET <metrics path>`` answers the Prometheus scrape.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import logging
@@ -28,6 +31,7 @@ import numpy as np
 
 from csmf_tf.serving.core import PredictionCore
 from csmf_tf.serving.errors import ServingError, invalid, not_found
+from csmf_tf.serving.monitoring import ServingMetrics
 from csmf_tf.serving.rest_codec import decode_request, encode_response, parse_predict_body, proto_json
 from csmf_tf.serving.signatures import SignatureInfo
 
@@ -36,6 +40,19 @@ log = logging.getLogger(__name__)
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)"
                    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
                    r"(?::(?P<verb>[a-zA-Z]+)|/(?P<meta>metadata))?/?$")
+
+
+@dataclasses.dataclass
+class _Answered:
+    """What the metrics record of one REST request (filled in as the request is handled)."""
+
+    started: float
+    method: str = "other"          # Predict / GetModelMetadata / GetModelStatus once routed
+    model: str = ""
+    version: int | None = None     # the version that answered
+    signature: str = ""
+    code: str | None = None        # the HTTP status sent; None: nothing sent (nothing to count)
+    counted: bool = True           # False for the Prometheus scrape itself
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -58,20 +75,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._busy = False
+        self._answered: _Answered | None = None
         super().handle_one_request()
         self._busy = False
+        a = self._answered
+        if a is not None and a.counted and a.code is not None:
+            self.server.metrics.observe_request("rest", a.method, a.model, a.version, a.signature, a.code,
+                                                time.perf_counter() - a.started)
         if self.server.stopping:
             self.close_connection = True
 
     def parse_request(self) -> bool:
         self._busy = True    # a request line arrived: this connection is no longer idle
+        self._answered = _Answered(time.perf_counter())
         return super().parse_request()
 
     def _send(self, status: int, payload: dict, close: bool = False, reason: str | None = None) -> None:
         """Answer with ``payload`` as JSON; ``close`` (or a stopping server) ends the connection after it."""
-        body = json.dumps(payload).encode("utf-8")
+        self._send_bytes(status, json.dumps(payload).encode("utf-8"), "application/json", close, reason)
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str, close: bool = False,
+                    reason: str | None = None) -> None:
+        if self._answered is None:   # an answer before any request line parsed (e.g. 414)
+            self._answered = _Answered(time.perf_counter())
+        self._answered.code = str(status)
         self.send_response(status, reason)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if close or self.server.stopping:
             self.send_header("Connection", "close")
@@ -143,20 +172,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return int(v)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        metrics_path = self.server.metrics_path
+        if metrics_path is not None and self.path.split("?", 1)[0] == metrics_path:
+            self._answered.counted = False
+            body, content_type = self.server.metrics.exposition()
+            self._send_bytes(200, body, content_type)
+            return
         with self._errors_answered():
             m = self._route()
             if m.group("verb"):
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"use POST for :{m.group('verb')}")
             core = self.server.core
+            answered = self._answered
+            answered.model = m.group("name")
             if m.group("meta"):
+                answered.method = "GetModelMetadata"
                 version, sig_map = core.metadata(m.group("name"), self._version(m), m.group("label"))
+                answered.version = version
                 self._send(200, {"model_spec": {"name": m.group("name"), "signature_name": "",
                                                 "version": str(version)},
                                  "metadata": {"signature_def": proto_json(sig_map)}})
                 return
+            answered.method = "GetModelStatus"
             if m.group("label"):
                 raise invalid("model status takes a version, not a label")
-            self._send(200, proto_json(core.status(m.group("name"), self._version(m))))
+            status = core.status(m.group("name"), self._version(m))
+            answered.version = self._version(m)
+            self._send(200, proto_json(status))
 
     def do_POST(self) -> None:  # noqa: N802
         with self._errors_answered():
@@ -190,6 +232,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if verb != "predict":
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                    f":{verb} is not supported; the model has predict signatures")
+            answered = self._answered
+            answered.method, answered.model = "Predict", m.group("name")
             body, signature_name = parse_predict_body(raw)
             fmt: dict[str, bool] = {}
 
@@ -201,6 +245,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             result = core.predict(m.group("name"), decode, version=self._version(m),
                                   version_label=m.group("label"), signature_name=signature_name,
                                   deadline=core.deadline(None))
+            answered.version, answered.signature = result.version, result.signature_name
             self._send(200, encode_response(result.outputs, fmt["rows"]))
 
     def do_PUT(self) -> None:  # noqa: N802
@@ -221,8 +266,11 @@ class RestServer(http.server.ThreadingHTTPServer):
     block_on_close = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], core: PredictionCore) -> None:
+    def __init__(self, address: tuple[str, int], core: PredictionCore, metrics: ServingMetrics | None = None,
+                 metrics_path: str | None = None) -> None:
         self.core = core
+        self.metrics = metrics if metrics is not None else ServingMetrics()
+        self.metrics_path = metrics_path     # None: no Prometheus endpoint
         self.stopping = False
         self._conns: set[_Handler] = set()
         self._conns_lock = threading.Lock()

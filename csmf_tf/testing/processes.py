@@ -61,17 +61,23 @@ def export_demo(base: Path, model_name: str, num_items: int, num_users: int, dim
 
 
 class ServerProcess:
-    """``python -m pipelines.serve`` on free ports, its output in a log file."""
+    """``python -m pipelines.serve`` on free ports, its output in a log file.
 
-    def __init__(self, base: Path, model_name: str, workdir: Path, extra_args: list[str] | None = None,
-                 start_timeout_s: float = 300.0) -> None:
+    ``model_base_path`` is the model's own directory (its version subdirectories), as the server takes
+    it; with ``model_base_path=None`` and ``model_name=None``, ``extra_args`` say what to serve (e.g.
+    ``["--model_config_file", path]``). ``cwd``: where the server runs (relative paths resolve there).
+    """
+
+    def __init__(self, model_base_path: str | os.PathLike | None, model_name: str | None, workdir: Path,
+                 extra_args: list[str] | None = None, start_timeout_s: float = 300.0, cwd: Path = REPO) -> None:
         self.port_file = workdir / f"ports-{time.monotonic_ns()}.json"
         self.log_path = workdir / "server.log"
         self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "pipelines.serve", "--model_base_path", str(base), "--model_name",
-               model_name, "--port", "0", "--rest_api_port", "0", "--port_file", str(self.port_file),
-               "--log_level", "WARNING", *(extra_args or [])]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        model = [] if model_base_path is None else ["--model_base_path", str(model_base_path)]
+        model += [] if model_name is None else ["--model_name", model_name]
+        cmd = [sys.executable, "-m", "pipelines.serve", *model, "--port", "0", "--rest_api_port", "0",
+               "--port_file", str(self.port_file), "--log_level", "WARNING", *(extra_args or [])]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout_s
         while not self.port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -14,14 +14,15 @@ from csmf_tf.serving.client import GrpcRetrievalClient, RestRetrievalClient
 from csmf_tf.serving.server import ModelServer
 
 
-def serve_and_query_once(base_path: str | os.PathLike, model_name: str, user_inputs: Mapping[str, Any],
+def serve_and_query_once(model_base_path: str | os.PathLike, model_name: str, user_inputs: Mapping[str, Any],
                          weights: Sequence[float] | None, k: int, verbose: bool = True) -> dict:
-    """Start the server on ephemeral ports, query it once over gRPC and once over REST, stop it.
+    """Serve ``model_base_path`` (the model's directory, holding its versions) as ``model_name`` on
+    ephemeral ports, query it once over gRPC and once over REST, stop it.
 
     Returns ``{"version", "grpc_port", "rest_port", "grpc": {...}, "rest": {...}, "agree": True}``;
     raises ``RuntimeError`` if the two answers differ (same ids in the same order, scores within 1e-5).
     """
-    server = ModelServer(base_path, model_name, port=0, rest_api_port=0, poll_interval_s=0)
+    server = ModelServer(model_base_path, model_name, port=0, rest_api_port=0, poll_interval_s=0)
     grpc_port, rest_port = server.start()
     try:
         with GrpcRetrievalClient(server.grpc_target, model_name) as g:

@@ -39,7 +39,7 @@ def run_fuzz(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
     workdir.mkdir(parents=True, exist_ok=True)
     base = workdir / "models"
     if args.model_base_path:
-        shutil.copytree(Path(args.model_base_path) / args.model_name, base / args.model_name,
+        shutil.copytree(Path(args.model_base_path), base / args.model_name,
                         ignore=shutil.ignore_patterns(".tmp-*"))
     else:
         export_demo(base, args.model_name, args.num_items, args.num_users, args.dim, 0, workdir / "export.log")
@@ -48,7 +48,7 @@ def run_fuzz(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
     reference = Reference(version_dir)
     ctx = Ctx(args.model_name, versions[-1], reference.k_max, reference.num_objectives, args.num_users, args.max_message_bytes,
               args.max_request_batch_size)
-    server = ServerProcess(base, args.model_name, workdir, [
+    server = ServerProcess(base / args.model_name, args.model_name, workdir, [
         "--file_system_poll_wait_seconds", "0", "--max_message_bytes", str(args.max_message_bytes),
         "--max_request_batch_size", str(args.max_request_batch_size), "--request_timeout_s", "30"])
     log(f"server pid {server.pid}: gRPC {server.grpc_target}, REST {server.rest_host}:{server.rest_port}")
