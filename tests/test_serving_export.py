@@ -150,7 +150,8 @@ def test_scann_falls_back_to_exact_when_too_few_candidates(towers, tmp_path):
     path = export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives,
                                   tmp_path, "tiny", k_max=40, use_scann=True,
                                   scann_options=ScannOptions(num_leaves=30, num_leaves_to_search=1,
-                                                             num_reordering_candidates=40))
+                                                             num_reordering_candidates=40),
+                                  min_ann_recall=None)   # a deliberately poor index: no recall floor
     users = user_batch(d, slice(0, 4))
     out = load(path).signatures["serving_default"](**users, objective_weights=tf.constant([1., 1., 1.]),
                                                    k=tf.constant(40))
@@ -370,3 +371,237 @@ def test_weight_level_models_are_refused(towers, tmp_path):
         export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives,
                                tmp_path, "weight", use_scann=False, granularity="weight")
     assert not (tmp_path / "weight").exists()
+
+
+# -- serving graph without training machinery (masks folded, no state writes) ------------------------------
+
+#: Op types that write state: variables (resource and TF1 ref), scatter updates, optimizer updates.
+STATE_WRITES = {"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp", "Assign", "AssignAdd", "AssignSub",
+                "ScatterUpdate", "ScatterAdd", "ScatterSub", "ScatterNdUpdate", "ScatterNdAdd",
+                "ResourceStridedSliceAssign", "StridedSliceAssign", "LookupTableInsertV2", "LookupTableImportV2"}
+
+
+def graph_ops(function) -> list[str]:
+    """Every op type of a concrete function's graph and of every function in its library (nested calls)."""
+    graph_def = function.graph.as_graph_def()
+    return [n.op for n in graph_def.node] + [n.op for f in graph_def.library.function for n in f.node_def]
+
+
+def state_writes(function) -> list[str]:
+    return [op for op in graph_ops(function)
+            if op in STATE_WRITES or op.startswith(("ResourceScatter", "ResourceApply"))]
+
+
+@pytest.fixture(scope="module")
+def cascade_export(tmp_path_factory):
+    """A real CSMF model in its last stage with CPP masks (untrained: the graph and the folding are under
+    test), exported once. The training model is snapshotted before the export and checked right after."""
+    from csmf_tf.data.prepared import prepare
+    from csmf_tf.data.synthetic import generate_cascade
+    from csmf_tf.layers.masked import wrapper_mask
+    from csmf_tf.models.towers import TowerConfig
+    from csmf_tf.training.selective_mask import selective_mask
+    from csmf_tf.training.stages import TrainingConfig, build_model
+
+    data = prepare(generate_cascade(200, 150, 4000, seed=0))
+    config = TrainingConfig(tower=TowerConfig(8, 4, (16,), 12), min_output_units=2)
+    model = build_model(config, data.users, data.items, data.table.feature_kinds, factorized_metrics=False)
+    for stage in (1, 2):
+        selective_mask(model, stage, 0.3, min_output_units=2)
+        model.set_stage(stage + 1, reinitialise=True, seed=stage)
+    # Inactive weights are zero after set_stage. Give them values, so that serving a weight without its
+    # mask would change the scores: the folded weights must be weight * mask, what the masked pass uses.
+    rng = np.random.default_rng(0)
+    wrappers = [w for tower in model.towers for w in tower.wrappers]
+    inactive = 0
+    for wrapper in wrappers:
+        mask = wrapper_mask(wrapper).numpy()
+        weight = wrapper.layer.owned_weight
+        weight.assign(np.where(mask == 0, rng.normal(size=mask.shape), weight.numpy()).astype(np.float32))
+        inactive += int((mask == 0).sum())
+    assert inactive > 0
+    variables = [v for m in (model.user_model, model.item_model) for v in m.variables if isinstance(v, tf.Variable)]
+    before = [v.numpy().copy() for v in variables]
+    path = export_retrieval_model(model.user_model, model.item_model, data.items, model.owner_stage, model.objectives,
+                                  tmp_path_factory.mktemp("cascade"), "csmf", default_weights=[1.0, 0.5, 2.0],
+                                  k_max=40, use_scann=False)
+    after = [v.numpy().copy() for v in variables]
+    return {"model": model, "data": data, "path": path, "before": before, "after": after}
+
+
+def test_export_neither_calls_nor_changes_the_training_model(cascade_export):
+    # The raw inactive values are still there: the export never ran the wrappers' weight <- weight * mask.
+    for before, after in zip(cascade_export["before"], cascade_export["after"]):
+        np.testing.assert_array_equal(before, after)
+    config = json.loads((cascade_export["path"] / "assets" / "config.json").read_text())
+    assert config["folded_pruning_wrappers"] == {"user": 4, "item": 4}
+
+
+@pytest.mark.parametrize("which", ["cascade", "demo_scann"])
+def test_served_signatures_write_no_state(cascade_export, exported, which):
+    path = cascade_export["path"] if which == "cascade" else exported["scann"]
+    signatures = load(path).signatures
+    ops = graph_ops(signatures["serving_default"])
+    assert "LookupTableFindV2" in ops and "MatMul" in ops      # the towers are in there, read-only
+    for name in ("serving_default", "user_embedding", "item_embedding", "model_info"):
+        assert state_writes(signatures[name]) == [], name
+
+
+def test_the_graph_walk_finds_the_training_towers_writes(cascade_export):
+    # The same walk over the training user tower (traced only, never run) finds tfmot's per-call
+    # weight * mask assignment, one per wrapped layer: the check above can fail.
+    from csmf_tf.serving.tower_inputs import input_specs_of
+    from csmf_tf.serving.verify import state_writing_ops
+
+    user_model = cascade_export["model"].user_model
+    specs = input_specs_of(user_model)
+    traced = tf.function(lambda inputs: user_model(inputs, training=False)).get_concrete_function(specs)
+    assert state_writes(traced) == ["AssignVariableOp"] * 4
+    assert state_writing_ops(traced) == {"AssignVariableOp": 4}
+    assert state_writing_ops(load(cascade_export["path"]).signatures["serving_default"]) == {}
+
+
+def test_served_scores_equal_the_training_models_per_objective_scores(cascade_export):
+    from csmf_tf.data.features import USER_ID
+    from csmf_tf.training.evaluation import cascade_vectors
+
+    model, data = cascade_export["model"], cascade_export["data"]
+    signatures = load(cascade_export["path"]).signatures
+    vectors = cascade_vectors(model, data.testing, model.objectives)      # the training model's own scores
+    users = data.testing.users
+    inputs = {n: tf.constant(v) if v.dtype != object else tf.constant(v.astype(str))
+              for n, v in users.as_inputs(USER_ID).items()}
+    served_u = signatures["user_embedding"](**inputs)["user_embedding"].numpy()
+    np.testing.assert_allclose(served_u, model.user_vectors(users.as_inputs(USER_ID)), atol=1e-6, rtol=0)
+    weights = np.float32([1.0, 0.5, 2.0])
+    out = signatures["serving_default"](**inputs, objective_weights=tf.constant(weights), k=tf.constant(40))
+    stage = np.stack([q @ v.T for q, v in zip(vectors.queries, vectors.items)], -1)     # [U, I, S]: s_t
+    fused = stage @ weights
+    row_of = {i: r for r, i in enumerate(data.testing.items.ids.astype(str))}
+    rows = np.vectorize(row_of.get)(out["item_ids"].numpy().astype(str))
+    np.testing.assert_allclose(out["objective_scores"].numpy(),
+                               np.take_along_axis(stage, rows[:, :, None], 1), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(fused, rows, 1), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(rows, np.argsort(-fused, axis=1, kind="stable")[:, :40])
+
+
+# -- per-export ANN recall check ---------------------------------------------------------------------------
+
+#: A deliberately coarse index over the 2,000 clustered items: 2 of 45 leaves, recall@10 well below 1.
+COARSE = ScannOptions(num_leaves=45, num_leaves_to_search=2, num_reordering_candidates=50)
+
+
+def users_np(d):
+    c = d.user_catalog
+    return {"user_id": c.ids.astype(str), "age": c.features["age"], "city": c.features["city"].astype(str)}
+
+
+@pytest.fixture(scope="module")
+def coarse_export(towers, tmp_path_factory):
+    d = towers["pruned"]
+    base = tmp_path_factory.mktemp("recall")
+    path = export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives, base,
+                                  "coarse", default_weights=[1.0, 0.5, 2.0], k_max=50, default_k=10,
+                                  scann_options=COARSE, min_ann_recall=None, ann_recall_users=users_np(d))
+    return base, path
+
+
+def test_recall_is_measured_on_the_served_search_and_recorded(towers, coarse_export):
+    d = towers["pruned"]
+    _, path = coarse_export
+    record = json.loads((path / "assets" / "config.json").read_text())["ann_recall"]
+    assert record["queries"] == "user_tower" and record["num_queries"] == 40 and record["k"] == 10
+    assert record["index"] == "scann" and record["min_recall"] is None and record["passed"] is True
+    # Recomputed independently: each user's served top 10 (one request per user) against numpy's exact top 10.
+    served = load(path).signatures["serving_default"]
+    u = d.user_model(user_batch(d, slice(0, 40)), training=False).numpy()
+    rows, _, _ = numpy_retrieval(u, item_vectors_of(d), d.owner_stage, np.float32([1.0, 0.5, 2.0]), 10)
+    exact_ids = d.item_catalog.ids[rows].astype(str)
+    defaults = {"objective_weights": tf.constant([1.0, 0.5, 2.0]), "k": tf.constant(10)}
+    overlap = [len(set(served(**user_batch(d, slice(i, i + 1)), **defaults)["item_ids"].numpy()[0].astype(str))
+                   & set(exact_ids[i])) for i in range(40)]
+    assert record["recall_at_k"] == pytest.approx(sum(overlap) / 400, abs=1e-12)
+    assert 0.3 < record["recall_at_k"] < 0.95          # coarse index: the number is informative, not 1.0
+    info = load(path).signatures["model_info"]()
+    assert float(info["ann_recall"]) == pytest.approx(record["recall_at_k"], abs=1e-7)
+    assert int(info["ann_recall_k"]) == 10
+
+
+def test_both_metadata_apis_report_the_recall(coarse_export):
+    from google.protobuf import json_format, struct_pb2
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+    import grpc
+
+    from csmf_tf.serving.client import RestRetrievalClient
+    from csmf_tf.serving.server import ModelServer
+
+    _, path = coarse_export
+    recall = json.loads((path / "assets" / "config.json").read_text())["ann_recall"]["recall_at_k"]
+    server = ModelServer(path.parent, "coarse", port=0, rest_api_port=0, poll_interval_s=0)
+    server.start()
+    try:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            request = get_model_metadata_pb2.GetModelMetadataRequest()
+            request.model_spec.name = "coarse"
+            request.metadata_field.extend(["signature_def", "model_info"])
+            response = stub.GetModelMetadata(request, timeout=30)
+            only_signatures = get_model_metadata_pb2.GetModelMetadataRequest()
+            only_signatures.model_spec.name = "coarse"
+            only_signatures.metadata_field.append("signature_def")
+            plain = stub.GetModelMetadata(only_signatures, timeout=30)
+        rest = RestRetrievalClient(server.rest_url, "coarse").metadata()
+    finally:
+        server.stop()
+    info = struct_pb2.Struct()
+    assert response.metadata["model_info"].Unpack(info)
+    grpc_info = json_format.MessageToDict(info)
+    assert grpc_info["ann_recall"] == pytest.approx(recall, abs=1e-7) and grpc_info["ann_recall_k"] == 10
+    assert grpc_info["objectives"] == list(OBJECTIVES) and grpc_info["default_weights"] == [1.0, 0.5, 2.0]
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(sig_map) and "serving_default" in sig_map.signature_def
+    assert set(plain.metadata) == {"signature_def"}          # TF Serving's contract: the fields asked for
+    assert rest["metadata"]["model_info"]["ann_recall"] == pytest.approx(recall, abs=1e-7)
+    assert rest["metadata"]["model_info"]["ann_recall_k"] == 10 and "signature_def" in rest["metadata"]
+
+
+def test_a_recall_below_the_floor_fails_or_warns(towers, coarse_export, tmp_path, caplog):
+    from csmf_tf.serving.recall import AnnRecallTooLow
+
+    d = towers["pruned"]
+    args = (d.user_model, d.item_model, d.item_catalog, d.owner_stage, d.objectives, tmp_path)
+    kwargs = dict(default_weights=[1.0, 0.5, 2.0], k_max=50, default_k=10, scann_options=COARSE,
+                  ann_recall_users=users_np(d))
+    # (ScaNN's k-means is not deterministic: each export measures its own index.)
+    with pytest.raises(AnnRecallTooLow, match=r"ANN recall@10 = 0\.\d{4} is below min_ann_recall = 0\.95 "
+                                              r"\(40 user_tower queries") as refused:
+        export_retrieval_model(*args, "refused", min_ann_recall=0.95, **kwargs)
+    assert float(str(refused.value).split(" = ")[1].split()[0]) < 0.95
+    assert not (tmp_path / "refused").exists()                 # nothing published, no scratch left
+    with caplog.at_level("WARNING", logger="csmf_tf.serving.recall"):
+        path = export_retrieval_model(*args, "warned", min_ann_recall=0.95, ann_recall_action="warn", **kwargs)
+    record = json.loads((path / "assets" / "config.json").read_text())["ann_recall"]
+    assert record["passed"] is False and record["action"] == "warn" and record["recall_at_k"] < 0.95
+    assert f"ANN recall@10 = {record['recall_at_k']:.4f} is below min_ann_recall = 0.95" in caplog.text
+    for bad, needle in (({"min_ann_recall": 1.5}, "min_ann_recall must be in"),
+                        ({"ann_recall_action": "ignore"}, "ann_recall_action must be one of"),
+                        ({"ann_recall_k": 51}, r"ann_recall_k must be in \[1, k_max=50\]"),
+                        ({"ann_recall_users": {"user_id": ["u1"]}}, "lacks user tower inputs")):
+        with pytest.raises(ValueError, match=needle):
+            export_retrieval_model(*args, "bad", **{**kwargs, **bad})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_export_command_takes_the_recall_floor_and_action(tmp_path, capsys):
+    from pipelines import export as export_cli
+
+    flags = ["--demo", "--num_users", "30", "--num_items", "800", "--dim", "8", "--base_path", str(tmp_path),
+             "--model_name", "demo", "--k_max", "20", "--num_leaves", "28", "--num_leaves_to_search", "1",
+             "--num_reordering_candidates", "20", "--min_ann_recall", "1.0"]
+    with pytest.raises(SystemExit, match=r"export refused, nothing published: ANN recall@10 = 0\.\d{4} is below "
+                                         r"min_ann_recall = 1\.0 \(30 user_tower queries"):
+        export_cli.main(flags)
+    path = export_cli.main(flags + ["--ann_recall_action", "warn"])
+    record = json.loads((path / "assets" / "config.json").read_text())["ann_recall"]
+    assert record["passed"] is False and record["min_recall"] == 1.0 and record["queries"] == "user_tower"
+    assert f"ANN recall@10 {record['recall_at_k']:.4f} (30 user_tower queries, floor 1.0)" in capsys.readouterr().out

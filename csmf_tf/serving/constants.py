@@ -20,3 +20,9 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 CONFIG_ASSET = "config.json"
 #: Signature keys that are not servable functions.
 INIT_OP_SIGNATURE = "__saved_model_init_op"
+#: The export's recall check (csmf_tf.serving.recall): default floor, sample size, and what a recall below
+#: the floor does.
+DEFAULT_MIN_ANN_RECALL = 0.9
+DEFAULT_ANN_RECALL_QUERIES = 500
+ANN_RECALL_FAIL, ANN_RECALL_WARN = "fail", "warn"
+ANN_RECALL_ACTIONS = (ANN_RECALL_FAIL, ANN_RECALL_WARN)

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
 
-from csmf_tf.serving.constants import RETRIEVAL_SIGNATURE
+from csmf_tf.serving.constants import MODEL_INFO_SIGNATURE, RETRIEVAL_SIGNATURE
 from csmf_tf.serving.errors import ServingError, invalid, not_found
 from csmf_tf.serving.model_registry import LoadedModel, ServedModels, run_or_raise
 from csmf_tf.serving.signatures import SignatureInfo
@@ -135,13 +135,19 @@ class PredictionCore:
         return PredictResult(call.model.version, call.signature_name, outputs)
 
     def metadata(self, model_name: str, version: int | None = None, version_label: str | None = None
-                 ) -> tuple[int, get_model_metadata_pb2.SignatureDefMap]:
-        """``(version, SignatureDefs)`` for GetModelMetadata; the SignatureDefs as saved."""
+                 ) -> tuple[int, get_model_metadata_pb2.SignatureDefMap, dict | None]:
+        """``(version, SignatureDefs, model_info)`` for GetModelMetadata; the SignatureDefs as saved,
+        ``model_info`` the ``model_info`` signature's outputs as JSON values (objectives, default
+        weights, the export's measured ``ann_recall``, ...; ``None`` for a SavedModel without one)."""
         with self.models.registry(model_name).acquire(version, version_label) as model:
             sig_map = get_model_metadata_pb2.SignatureDefMap()
             for name, sig in model.signature_defs.items():
                 sig_map.signature_def[name].CopyFrom(sig)
-            return model.version, sig_map
+            info = None
+            if model.info is not None:
+                info = {name: _json_value(value.tolist())
+                        for name, value in sorted(run_or_raise(model, MODEL_INFO_SIGNATURE, {}).items())}
+            return model.version, sig_map, info
 
     def status(self, model_name: str, version: int | None = None) -> get_model_status_pb2.GetModelStatusResponse:
         """GetModelStatus: the state of every version seen, or of ``version``."""
@@ -153,3 +159,12 @@ class PredictionCore:
             entry.status.CopyFrom(status_pb2.StatusProto(error_code=state.error_code.value[0],
                                                          error_message=state.error_message))
         return response
+
+
+def _json_value(value: object) -> object:
+    """A ``tolist()`` value with its byte strings decoded (JSON has no bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return value

@@ -8,11 +8,12 @@ Layout written (the one TF Serving reads)::
                                       assets.extra/tf_serving_warmup_requests
 
 This module checks the arguments, embeds the item catalog, describes the export (``config.json``) and
-runs the steps in order. The steps have their own modules: :mod:`~csmf_tf.serving.module` (the saved
+runs the steps in order. The steps have their own modules: :mod:`~csmf_tf.serving.folding` (read-only
+inference copies of the towers, pruning masks folded in), :mod:`~csmf_tf.serving.module` (the saved
 ``tf.Module``, its signatures and the scoring maths), :mod:`~csmf_tf.serving.index` (ScaNN or exact
-search), :mod:`~csmf_tf.serving.assets` (``assets/`` and the warm-up request),
-:mod:`~csmf_tf.serving.verify` (the load-back check) and :mod:`~csmf_tf.serving.publish` (atomic
-publication as the next version).
+search), :mod:`~csmf_tf.serving.recall` (the search's recall@k against exact search, with a floor),
+:mod:`~csmf_tf.serving.assets` (``assets/`` and the warm-up request), :mod:`~csmf_tf.serving.verify`
+(the load-back check) and :mod:`~csmf_tf.serving.publish` (atomic publication as the next version).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -29,33 +30,20 @@ from csmf_tf.data.table import Catalog
 from csmf_tf.masks import ownership
 from csmf_tf.metrics.prior import PopularityPrior
 from csmf_tf.serving.assets import warmup_request, write_assets, write_warmup
-from csmf_tf.serving.constants import (ITEM_EMBEDDING_SIGNATURE, MODEL_INFO_SIGNATURE, RETRIEVAL_SIGNATURE,
+from csmf_tf.serving.constants import (ANN_RECALL_FAIL, DEFAULT_ANN_RECALL_QUERIES, DEFAULT_MIN_ANN_RECALL,
+                                       ITEM_EMBEDDING_SIGNATURE, MODEL_INFO_SIGNATURE, RETRIEVAL_SIGNATURE,
                                        USER_EMBEDDING_SIGNATURE)
+from csmf_tf.serving.folding import inference_tower, pruning_wrappers
 from csmf_tf.serving.index import ScannOptions, build_index
 from csmf_tf.serving.module import RetrievalServingModule
 from csmf_tf.serving.publish import publish_next_version
-from csmf_tf.serving.tower_inputs import check_input_names, input_specs_of, keyword_function, to_tensor
+from csmf_tf.serving.recall import check_ann_recall, check_recall_options, measure_ann_recall
+from csmf_tf.serving.tower_inputs import check_input_names, embed_catalog, input_specs_of, keyword_function
 from csmf_tf.serving.verify import verify_export
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-def embed_catalog(embed: Callable[..., dict], catalog_inputs: Mapping[str, np.ndarray],
-                  spec: Mapping[str, tf.TensorSpec], output: str, batch_size: int = 4096) -> np.ndarray:
-    """Run an embedding signature over a whole catalog in batches; ``[n, D]`` float32."""
-    missing = sorted(set(spec) - set(catalog_inputs))
-    if missing:
-        raise ValueError(f"the item catalog lacks tower inputs {missing} "
-                         f"(catalog has {sorted(catalog_inputs)})")
-    n = len(next(iter(catalog_inputs.values())))
-    parts = []
-    for start in range(0, n, batch_size):
-        batch = {name: to_tensor(catalog_inputs[name][start:start + batch_size], s)
-                 for name, s in spec.items()}
-        parts.append(embed(**batch)[output].numpy())
-    return np.concatenate(parts, axis=0).astype(np.float32)
 
 
 def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model, item_catalog: Catalog,
@@ -109,6 +97,10 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
     if not 1 <= default_k <= k_max:
         raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k}")
 
+    # Serve read-only copies: masks folded into the weights, tfmot wrappers (and their per-call
+    # weight * mask assignment) gone. The training towers are only read from here on.
+    folded = {"user": len(pruning_wrappers(user_model)), "item": len(pruning_wrappers(item_model))}
+    user_model, item_model = inference_tower(user_model), inference_tower(item_model)
     user_spec = check_input_names(user_input_spec or input_specs_of(user_model), "user")
     item_spec = check_input_names(item_input_spec or input_specs_of(item_model), "item")
     item_inputs = item_catalog.as_inputs("item_id")
@@ -154,6 +146,7 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
         "signatures": {RETRIEVAL_SIGNATURE: "retrieval", USER_EMBEDDING_SIGNATURE: "user tower",
                        ITEM_EMBEDDING_SIGNATURE: "item tower", MODEL_INFO_SIGNATURE: "metadata"},
         "ownership": {"owner_stage": owner_stage.astype(int).tolist(), "blocks": dims},
+        "folded_pruning_wrappers": folded,
     }
     return module, config
 
@@ -169,12 +162,18 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
                            item_input_spec: Mapping[str, tf.TensorSpec] | None = None,
                            warmup_inputs: Mapping[str, Any] | None = None,
                            item_batch_size: int = 4096, verify: bool = True,
-                           popularity_prior: PopularityPrior | None = None, granularity: str = "unit") -> Path:
+                           popularity_prior: PopularityPrior | None = None, granularity: str = "unit",
+                           min_ann_recall: float | None = DEFAULT_MIN_ANN_RECALL,
+                           ann_recall_action: str = ANN_RECALL_FAIL, ann_recall_k: int | None = None,
+                           ann_recall_queries: int = DEFAULT_ANN_RECALL_QUERIES,
+                           ann_recall_users: Mapping[str, Any] | None = None) -> Path:
     """Export the towers + index as the next version of ``<base_path>/<model_name>``; returns its path.
 
     Args:
       user_model, item_model: functional tf.keras towers with dict inputs, ``-> [B, D]`` float32. They
-        may contain tfmot ``prune_low_magnitude`` wrappers (run with ``training=False``).
+        may contain tfmot ``prune_low_magnitude`` wrappers: the export serves copies with the masks
+        folded into the weights and no wrapper (:mod:`~csmf_tf.serving.folding`), so no request writes
+        a variable; the towers themselves are neither called nor changed.
       item_catalog: every item of the corpus (``ids`` + item features); row order = index order.
       owner_stage: ``[D]`` ints in ``1..S``: the stage that owns each output dimension.
       objectives: the ``S`` objective names in cascade order.
@@ -192,16 +191,33 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
       popularity_prior: the prior the model is scored with (:mod:`csmf_tf.metrics.prior`), if any.
       granularity: the model's ownership granularity; ``"weight"`` is refused (see
         :func:`build_serving_module`).
+      min_ann_recall: the least recall@k the served search must reach against exact search
+        (:mod:`csmf_tf.serving.recall`); ``None``: measured and recorded, never enforced.
+      ann_recall_action: ``"fail"``: below the floor, raise :class:`~csmf_tf.serving.recall.AnnRecallTooLow`
+        and publish nothing; ``"warn"``: log a warning and export.
+      ann_recall_k: the ``k`` of the recall (default: ``default_k``). ann_recall_queries: most queries
+        measured. ann_recall_users: user-tower inputs of real users to draw the queries from (one row
+        per user); default: indexed item vectors stand in for users.
+
+    The measured recall is in ``assets/config.json`` (``ann_recall``) and in the ``model_info``
+    signature (``ann_recall``, ``ann_recall_k``).
 
     The export is atomic (:mod:`csmf_tf.serving.publish`): written to a scratch directory, verified,
     flushed, then renamed to ``<max existing version + 1>``; a crash leaves no version behind.
     """
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ValueError(f"invalid model name {model_name!r}")
+    check_recall_options(min_ann_recall, ann_recall_action, ann_recall_queries)
     module, config = build_serving_module(
         user_model, item_model, item_catalog, owner_stage, objectives, default_weights, k_max, default_k,
         use_scann, scann_options, user_input_spec, item_input_spec, item_batch_size,
         popularity_prior=popularity_prior, granularity=granularity)
+    recall = measure_ann_recall(module, ann_recall_k or module.default_k, ann_recall_queries, ann_recall_users)
+    config["ann_recall"] = recall.to_json(min_ann_recall, ann_recall_action)
+    log.info("ANN recall@%d = %.4f on %d %s queries (%.1fs)", recall.k, recall.recall, recall.num_queries,
+             recall.queries, recall.seconds)
+    check_ann_recall(recall, min_ann_recall, ann_recall_action)   # before anything is written
+    module.record_ann_recall(recall.recall, recall.k)
     request = warmup_request(module, warmup_inputs)
 
     def write(tmp: Path) -> None:
@@ -218,4 +234,4 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
 
 
 #: ``ScannOptions`` is part of this module's API: it is what ``scann_options`` takes.
-__all__ = ["FORMAT_VERSION", "ScannOptions", "build_serving_module", "embed_catalog", "export_retrieval_model"]
+__all__ = ["FORMAT_VERSION", "ScannOptions", "build_serving_module", "export_retrieval_model"]

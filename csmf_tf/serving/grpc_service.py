@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
+from google.protobuf import struct_pb2
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      inference_pb2, model_management_pb2, model_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc, regression_pb2)
@@ -159,15 +160,20 @@ class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServic
         fields = list(request.metadata_field)
         if not fields:
             raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
-        unsupported = [f for f in fields if f != "signature_def"]
+        unsupported = [f for f in fields if f not in ("signature_def", "model_info")]
         if unsupported:
             raise invalid(f"Metadata field {unsupported[0]} is not supported")
         version, label = _version_of(request.model_spec)
-        served, sig_map = self.core.metadata(request.model_spec.name, version, label)
+        served, sig_map, info = self.core.metadata(request.model_spec.name, version, label)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = served
-        response.metadata["signature_def"].Pack(sig_map)
+        if "signature_def" in fields:
+            response.metadata["signature_def"].Pack(sig_map)
+        if "model_info" in fields and info is not None:   # a google.protobuf.Struct
+            model_info = struct_pb2.Struct()
+            model_info.update(info)
+            response.metadata["model_info"].Pack(model_info)
         return response
 
     _ONLY_PREDICT = "only Predict and GetModelMetadata are served (the model has predict signatures)"

@@ -12,7 +12,9 @@ Signatures:
     tower inputs -> ``[B, D]`` float32.
 ``model_info``
     no inputs -> ``objectives`` [S] string, ``default_weights`` [S], ``k_max`` and ``default_k`` (scalars),
-    so a client can label the per-objective scores without reading the assets.
+    ``prior_alphas`` [S], and ``ann_recall`` / ``ann_recall_k`` (the served search's recall@k against
+    exact search, measured by the export: :mod:`csmf_tf.serving.recall`), so a client can label the
+    per-objective scores and judge the index without reading the assets.
 
 The fused query is ``u * w`` with ``w = weights @ M`` where ``M[t, j] = 1[s(j) <= t]``
 (:func:`csmf_tf.scoring.stage_query_masks`), so the index is built once over the item vectors and the
@@ -75,13 +77,17 @@ class RetrievalServingModule(tf.Module):
                                            trainable=False, name="objective_names")
         self.default_weights = tf.Variable(np.asarray(default_weights, np.float32), trainable=False,
                                            name="default_weights")
+        # Set by record_ann_recall before the export is saved; NaN / 0 until measured.
+        self.ann_recall = tf.Variable(np.float32(np.nan), trainable=False, name="ann_recall")
+        self.ann_recall_k = tf.Variable(0, dtype=tf.int32, trainable=False, name="ann_recall_k")
         self.user_spec = dict(user_spec)
         self.item_spec = dict(item_spec)
         self._build_functions()
 
     # -- graph bodies -------------------------------------------------------------------------------
     def _user_vectors(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        # training=False: inference mode for dropout/BN; tfmot wrappers only re-apply their fixed mask.
+        # training=False: inference mode for dropout/BN. The towers are wrapper-free inference copies
+        # (csmf_tf.serving.folding), so no call writes a variable.
         return tf.cast(self.user_model(dict(features), training=False), tf.float32)
 
     def _item_vectors_of(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -119,9 +125,7 @@ class RetrievalServingModule(tf.Module):
         u = self._user_vectors(inputs)                              # [B, D]
         batch = tf.shape(u)[0]
         w = self._batch_weights(weights, batch)                     # [B, S]
-        query = u * fusion_scales_tf(w, self.stage_masks)           # fused query u * w, [B, D]
-        if self.prior_alphas is not None:
-            query = tf.concat([query, w * self.prior_alphas], axis=1)   # [u * w, k * alpha], [B, D + S]
+        query = self.fused_query(u, w)
         # A NaN/inf feature (or weights so large that u * w overflows) would otherwise reach ScaNN,
         # which fails with an internal RET_CHECK, or the exact top_k, which ranks NaNs arbitrarily:
         # either way the request is at fault, so say so (InvalidArgument) before searching.
@@ -133,16 +137,36 @@ class RetrievalServingModule(tf.Module):
         # matmul) copies the whole table: 200+ ms per query at 1M items instead of ~25 ms.
         table = tf.convert_to_tensor(self.item_vectors)
         ids = tf.convert_to_tensor(self.item_ids)
-        if self.index is None:
-            scores, rows = self._exact_top_k(query, k, table)
-        else:
-            scores, rows = self._approximate_top_k(query, k, table)
+        scores, rows = self._search(query, k, table, exact=False)
         vectors = tf.gather(table, rows)                            # [B, k, D (+ S)]
         objective_scores = stage_scores_tf(vectors[:, :, :self.tower_dim] * u[:, None, :], self.stage_masks)
         if self.prior_alphas is not None:                           # + alpha_t L_t(i)
             objective_scores += vectors[:, :, self.tower_dim:] * self.prior_alphas
         return {OUTPUT_ITEM_IDS: tf.reshape(tf.gather(ids, rows), tf.shape(rows)), OUTPUT_SCORES: scores,
                 OUTPUT_OBJECTIVE_SCORES: objective_scores}
+
+    def fused_query(self, u: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """The one query of user vectors ``u`` [B, D] for ``weights`` [B, S]: ``u * w`` [B, D], or
+        ``[u * w, k * alpha]`` [B, D + S] with a popularity prior."""
+        query = u * fusion_scales_tf(weights, self.stage_masks)
+        if self.prior_alphas is not None:
+            query = tf.concat([query, weights * self.prior_alphas], axis=1)
+        return query
+
+    def search(self, query: tf.Tensor, k: int, exact: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(scores [B, k], rows [B, k])`` of the best items for ``query``: the search a request gets
+        (the index, candidates re-scored exactly), or with ``exact`` the brute-force matmul + top_k."""
+        return self._search(query, tf.constant(k, tf.int32), tf.convert_to_tensor(self.item_vectors), exact)
+
+    def record_ann_recall(self, recall: float, k: int) -> None:
+        """Store the measured recall@k for the ``model_info`` signature (call before saving)."""
+        self.ann_recall.assign(recall)
+        self.ann_recall_k.assign(k)
+
+    def _search(self, query: tf.Tensor, k: tf.Tensor, table: tf.Tensor, exact: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        if exact or self.index is None:
+            return self._exact_top_k(query, k, table)
+        return self._approximate_top_k(query, k, table)
 
     @staticmethod
     def _exact_top_k(query: tf.Tensor, k: tf.Tensor, table: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -201,7 +225,9 @@ class RetrievalServingModule(tf.Module):
             "k_max": tf.constant(self.k_max, tf.int32),
             "default_k": tf.constant(self.default_k, tf.int32),
             "prior_alphas": (tf.identity(self.prior_alphas) if self.prior_alphas is not None
-                             else tf.zeros([self.num_stages]))}, input_signature=[], autograph=False)
+                             else tf.zeros([self.num_stages])),
+            "ann_recall": tf.identity(self.ann_recall),
+            "ann_recall_k": tf.identity(self.ann_recall_k)}, input_signature=[], autograph=False)
 
     def signatures(self) -> dict[str, Any]:
         """The ``signatures=`` mapping for :func:`tf.saved_model.save`."""

@@ -6,7 +6,8 @@ Endpoints (as tensorflow.org/tfx/serving/api_rest documents them):
   "instances": [...]}`` (row format, answered with ``{"predictions": ...}``) or ``{"inputs": ...}``
   (columnar, answered with ``{"outputs": ...}``); binary strings as ``{"b64": ...}``;
 - ``GET /v1/models/<name>[/versions/<v>]`` -> model status;
-- ``GET /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata`` -> signature defs.
+- ``GET /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata`` -> signature defs and, for a CSMF
+  export, ``model_info`` (the ``model_info`` signature's outputs, e.g. the measured ``ann_recall``).
 
 Errors are ``{"error": "..."}`` with the HTTP status of the gRPC code (:data:`errors.HTTP_STATUS`).
 The JSON codec is :mod:`csmf_tf.serving.rest_codec`; this module is the HTTP server around it. Every
@@ -187,11 +188,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             answered.model = m.group("name")
             if m.group("meta"):
                 answered.method = "GetModelMetadata"
-                version, sig_map = core.metadata(m.group("name"), self._version(m), m.group("label"))
+                version, sig_map, info = core.metadata(m.group("name"), self._version(m), m.group("label"))
                 answered.version = version
+                metadata = {"signature_def": proto_json(sig_map)}
+                if info is not None:
+                    metadata["model_info"] = info
                 self._send(200, {"model_spec": {"name": m.group("name"), "signature_name": "",
-                                                "version": str(version)},
-                                 "metadata": {"signature_def": proto_json(sig_map)}})
+                                                "version": str(version)}, "metadata": metadata})
                 return
             answered.method = "GetModelStatus"
             if m.group("label"):

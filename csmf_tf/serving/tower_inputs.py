@@ -1,4 +1,5 @@
-"""The towers' inputs as arguments of the exported signatures: their specs, naming rules, tensors.
+"""The towers' inputs as arguments of the exported signatures: their specs, naming rules, tensors,
+and running a tower signature over a catalog in batches.
 
 A SavedModel signature takes its input names from the Python parameter names of the function it
 wraps, so every tower input becomes a real keyword parameter (:func:`keyword_function`), which is why
@@ -79,6 +80,28 @@ def to_tensor(values: Any, spec: tf.TensorSpec) -> tf.Tensor:
         arr = np.asarray([v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel()],
                          dtype=object).reshape(arr.shape)
     return tf.constant(arr, dtype=spec.dtype)
+
+
+def embed_catalog(embed: Callable[..., dict], catalog_inputs: Mapping[str, np.ndarray],
+                  spec: Mapping[str, tf.TensorSpec], output: str, batch_size: int = 4096,
+                  what: str = "item catalog") -> np.ndarray:
+    """Run an embedding signature over a whole catalog (items, or a sample of users) in batches;
+    ``[n, D]`` float32 from its ``output``. ``what`` names the inputs in errors."""
+    missing = sorted(set(spec) - set(catalog_inputs))
+    if missing:
+        raise ValueError(f"the {what} lacks tower inputs {missing} (it has {sorted(catalog_inputs)})")
+    lengths = {name: len(catalog_inputs[name]) for name in spec}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"the {what}'s columns differ in length: {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise ValueError(f"the {what} is empty")
+    parts = []
+    for start in range(0, n, batch_size):
+        batch = {name: to_tensor(catalog_inputs[name][start:start + batch_size], s)
+                 for name, s in spec.items()}
+        parts.append(embed(**batch)[output].numpy())
+    return np.concatenate(parts, axis=0).astype(np.float32)
 
 
 def placeholder_inputs(spec: Mapping[str, tf.TensorSpec], batch: int = 1) -> dict[str, tf.Tensor]:
