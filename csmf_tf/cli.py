@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train_cascade", "train the CSMF cascade stage by stage (resumable; --stage, "
                                          "--train-tfrecords, --multi-worker)"),
     "experiments": ("pipelines.experiments", "baselines, ablations and sweeps over seeds, with a results report"),
+    "tune-fusion": ("pipelines.tune_fusion", "choose the fusion weights on validation for a target (grid over "
+                                             "the simplex) and make them the export's defaults"),
     "export": ("pipelines.export", "export trained towers (a run's bundle/) as a TF Serving SavedModel"),
     "serve": ("pipelines.serve", "serve exported models over TF Serving's gRPC and REST APIs"),
     "retrieve": ("pipelines.retrieve", "query a served model: a user's top-K with per-objective scores"),

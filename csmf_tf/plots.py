@@ -34,6 +34,9 @@ def _ownership_figure(run_dir: Path | str, tower: str):
     maps = [json.loads((stage_dir(run_dir, s) / "ownership.json").read_text()) for s in stages]
     objectives = maps[-1]["objectives"]
     layers = list(maps[-1]["towers"][tower])
+    # Units CPP reserved after the last stage (TrainingConfig.reserve_tau) are owned by stage S + 1.
+    reserved = any(max(units) > len(objectives) for m in maps for units in m["towers"][tower].values())
+    objectives = [*objectives, "a later objective (reserved)"] if reserved else objectives
     fig, axes = plt.subplots(len(layers), 1, figsize=(10, 0.9 + 0.55 * len(layers) * len(stages)),
                              squeeze=False)
     cmap = ListedColormap(_COLOURS[:len(objectives)])
@@ -41,7 +44,7 @@ def _ownership_figure(run_dir: Path | str, tower: str):
         grid = np.array([m["towers"][tower][layer] for m in maps])
         ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0.5, vmax=len(objectives) + 0.5,
                   interpolation="nearest")
-        ax.set_yticks(range(len(stages)), [f"after {objectives[s - 1]}" for s in stages], fontsize=7)
+        ax.set_yticks(range(len(stages)), [f"after {maps[-1]['objectives'][s - 1]}" for s in stages], fontsize=7)
         counts = ", ".join(f"{o}: {int((grid[-1] == i + 1).sum())}" for i, o in enumerate(objectives))
         ax.set_title(f"{layer} ({grid.shape[1]} units; {counts})", fontsize=8, loc="left")
         ax.set_xticks([])
@@ -120,6 +123,57 @@ def plot_cpp_information(logs: Sequence[dict], path: Path | str) -> Path:
     ax.set_ylabel("share freed for the next stage")
     ax.set_title("CPP: what each stage handed to the next")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fusion_tradeoff(search: Mapping, path: Path | str) -> Path:
+    """The fusion-weight search of :mod:`csmf_tf.metrics.fusion_search` (its ``to_json()``), two panels.
+
+    Left: every searched point, the target against the metric it trades against (the first constraint's,
+    else the target's first term that is not the only one, else the first metric of another objective),
+    feasible points filled, the upper frontier as a line, the chosen point starred and the constraint's
+    threshold dashed. Right: each fused metric the target reads, for the feasible points sorted by the
+    target (what every objective gets as the target grows).
+    """
+    points = search["points"]
+    keys = list(points[0]["metrics"])
+    thresholds = search.get("constraint_thresholds") or {}
+    guarded = next(iter(thresholds), None)
+    x_key = guarded.split(" >= ")[0] if guarded else (keys[1] if len(keys) > 1 else keys[0])
+    x = np.array([p["metrics"][x_key] for p in points])
+    y = np.array([p["value"] for p in points])
+    feasible = np.array([p["feasible"] for p in points])
+    chosen = next(i for i, p in enumerate(points) if p["weights"] == search["chosen_weights"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    left.scatter(x[~feasible], y[~feasible], s=16, facecolors="none", edgecolors="#999999", label="infeasible")
+    left.scatter(x[feasible], y[feasible], s=16, color=_COLOURS[0], label="feasible")
+    order = np.argsort(-x, kind="stable")
+    frontier = np.maximum.accumulate(y[order])   # best target reachable at or above each x
+    left.plot(x[order], frontier, color=_COLOURS[0], lw=1, alpha=0.6, label="upper frontier")
+    weights = ", ".join(f"{k:.2f}" for k in search["chosen_weights"])
+    left.scatter([x[chosen]], [y[chosen]], marker="*", s=220, color=_COLOURS[3], zorder=5,
+                 label=f"chosen k = ({weights})")
+    if guarded:
+        left.axvline(thresholds[guarded], ls="--", color=_COLOURS[3], lw=1, label=guarded)
+    left.set_xlabel(f"fused {x_key}")
+    left.set_ylabel("target")
+    left.set_title(search["target"], fontsize=8)
+    left.legend(fontsize=7)
+    ranked = [i for i in np.argsort(y, kind="stable") if feasible[i]]
+    for n, key in enumerate(keys):
+        right.plot(range(len(ranked)), [points[i]["metrics"][key] for i in ranked], color=_COLOURS[n % len(_COLOURS)],
+                   lw=1.2, label=f"fused {key}")
+        right.axhline(search["stage_metrics"][key], color=_COLOURS[n % len(_COLOURS)], ls=":", lw=1,
+                      label=f"{key} by its own stage")
+    right.axvline(ranked.index(chosen), color=_COLOURS[3], ls="--", lw=1, label="chosen")
+    right.set_xlabel("feasible points, by increasing target")
+    right.set_ylabel("validation metric")
+    right.legend(fontsize=7)
+    fig.suptitle(f"Fusion weights on validation: {len(points)} points of the simplex "
+                 f"({', '.join(search['objectives'])})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

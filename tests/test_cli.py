@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
-COMMANDS = ("main", "train", "experiments", "export", "serve", "retrieve", "generate-data")
+COMMANDS = ("main", "train", "experiments", "tune-fusion", "export", "serve", "retrieve", "generate-data")
 
 
 def _check_help(text: str) -> None:

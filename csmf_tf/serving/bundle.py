@@ -63,6 +63,28 @@ def save_tower_bundle(directory: str | os.PathLike, user_model: tf.keras.Model, 
     return out
 
 
+def bundle_item_ids(directory: str | os.PathLike) -> np.ndarray:
+    """The item ids of a bundle's catalog, in index row order (without loading the towers)."""
+    with np.load(Path(directory) / "item_catalog.npz", allow_pickle=False) as data:
+        return data["__ids__"]
+
+
+def set_bundle_default_weights(directory: str | os.PathLike, weights: Sequence[float],
+                               source: Mapping[str, Any] | None = None) -> None:
+    """Replace the ``default_weights`` an export of the bundle serves (one per objective); ``source``
+    says where they came from (kept in ``meta.json`` as ``default_weights_source``)."""
+    path = Path(directory) / "meta.json"
+    meta = json.loads(path.read_text())
+    weights = [float(w) for w in weights]
+    if len(weights) != len(meta["objectives"]) or not all(np.isfinite(weights)):
+        raise ValueError(f"need {len(meta['objectives'])} finite weights for objectives {meta['objectives']}, "
+                         f"got {weights}")
+    meta["default_weights"], meta["default_weights_source"] = weights, dict(source or {})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def load_tower_bundle(directory: str | os.PathLike) -> TowerBundle:
     """Read a bundle written by :func:`save_tower_bundle`."""
     import tensorflow_model_optimization as tfmot  # the towers may hold prune_low_magnitude wrappers

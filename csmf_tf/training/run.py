@@ -18,10 +18,12 @@ import numpy as np
 from csmf_tf.data.prepared import PreparedData
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.metrics.prior import PopularityPrior, log_popularity, tune_prior, with_prior
-from csmf_tf.metrics.vectors import evaluate_vectors
+from csmf_tf.metrics.protocol import EvaluationData
+from csmf_tf.metrics.vectors import ScoringVectors, evaluate_vectors
 from csmf_tf.models.cascade import CascadeTwoTower
 from csmf_tf.plots import plot_cpp_information, plot_ownership
-from csmf_tf.serving.bundle import save_tower_bundle
+from csmf_tf.serving.bundle import bundle_item_ids, save_tower_bundle
+from csmf_tf.training import checkpoints
 from csmf_tf.training.checkpoints import completed_stages, stage_dir
 from csmf_tf.training.evaluation import cascade_vectors
 from csmf_tf.training.stages import TrainingConfig, build_model, run_cascade, run_stage
@@ -56,12 +58,6 @@ def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages
     of training again (:func:`~csmf_tf.training.stages.run_stage` with ``trained=``).
     """
     out_dir = Path(out_dir)
-    objectives = data.table.objectives
-    # The fused score sums the trained stages; objectives beyond them (a run on a prefix of the data's
-    # objectives) are ranked by s_S and weigh 0 in the fusion.
-    weights = (tuple(config.fusion_weights) + (0.0,) * (len(objectives) - config.num_stages)
-               if config.num_stages > 1 else None)
-    ks = tuple(k for k in (20, 50, 100, 200) if k <= len(data.items)) or (len(data.items),)
     # Forward passes outside fit (validation, test) also need the scope: the tfmot wrappers' masking
     # op is written for replica or strategy-scope contexts.
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -71,14 +67,33 @@ def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages
             stages = range(2, model.num_stages + 1)
         run_cascade(model, data.train, data.items, data.validation, config, out_dir, stages, verbose,
                     tensorboard_dir=tensorboard_dir)
-        raw = cascade_vectors(model, data.testing, objectives)
-        validation = cascade_vectors(model, data.validation, objectives)
-    results = {"without_prior": evaluate_vectors(raw, data.testing, weights, ks=ks)}
+        test = cascade_vectors(model, data.testing, data.table.objectives)
+        validation = cascade_vectors(model, data.validation, data.table.objectives)
+    return score_and_save(model, data, config, out_dir, test, validation)
+
+
+def score_and_save(model: CascadeTwoTower, data: PreparedData, config: TrainingConfig, out_dir: Path,
+                   test: ScoringVectors, validation: ScoringVectors, kept_alphas: Sequence[float] = ()) -> TrainedRun:
+    """The end of a run: the prior tuned on validation, the test split scored with and without it,
+    ``results.json``, the export bundle and the ownership pictures (see :func:`train_csmf`).
+
+    ``test`` / ``validation``: the model's vectors for every objective of the data. ``kept_alphas``: the
+    prior's alphas of the first objectives, kept instead of tuned (an extension keeps its base's, so that
+    the objectives it already served score exactly as before).
+    """
+    objectives = data.table.objectives
+    # The fused score sums the trained stages; objectives beyond them (a run on a prefix of the data's
+    # objectives) are ranked by s_S and weigh 0 in the fusion.
+    weights = (tuple(config.fusion_weights) + (0.0,) * (len(objectives) - config.num_stages)
+               if config.num_stages > 1 else None)
+    ks = tuple(k for k in (20, 50, 100, 200) if k <= len(data.items)) or (len(data.items),)
+    results = {"without_prior": evaluate_vectors(test, data.testing, weights, ks=ks)}
     prior = None
     if config.popularity_prior:
         log_pop = training_log_popularity(data, objectives)
         _, alphas = tune_prior(validation, log_pop, data.validation)
-        results.update(evaluate_vectors(with_prior(raw, log_pop, alphas), data.testing, weights, ks=ks))
+        alphas = [*kept_alphas, *alphas[len(kept_alphas):]]
+        results.update(evaluate_vectors(with_prior(test, log_pop, alphas), data.testing, weights, ks=ks))
         results["prior_alphas"] = [float(a) for a in alphas]
         # The export serves the model's own stages: a single-objective model carries its objective's column.
         stages_served = model.num_stages
@@ -90,7 +105,7 @@ def train_csmf(data: PreparedData, config: TrainingConfig, out_dir: Path, stages
     # Towers + item catalog + ownership + prior, for `python -m pipelines.export --bundle <out>/bundle`.
     save_tower_bundle(out_dir / "bundle", model.user_model, model.item_model, data.items, model.owner_stage,
                       model.objectives, config.fusion_weights, config.to_json(), prior)
-    if model.num_stages > 1:
+    if any("cpp" in log for log in logs):
         for tower in ("user", "item"):
             plot_ownership(out_dir, tower, out_dir / f"ownership_{tower}.png")
         plot_cpp_information(logs, out_dir / "cpp_information.png")
@@ -114,6 +129,44 @@ def _continue_from(pretrained: TrainedRun, model: CascadeTwoTower, data: Prepare
     model.set_stage(1)
     run_stage(1, model, data.train, data.items, data.validation, config, out_dir, verbose,
               trained=pretrained.logs[0]["train"], tensorboard_dir=tensorboard_dir)
+
+
+def load_run(run_dir: Path, data: PreparedData) -> TrainedRun:
+    """A finished :func:`train_csmf` run back in memory: the model at its last stage (built from the
+    recorded configuration over ``data``'s catalogs), its stage logs, test results and prior.
+
+    ``data`` must be the data the run was trained on (the same flags); a different item catalog than the
+    run's bundle is refused, since the id vocabularies would silently map rows to other items.
+    """
+    run_dir = Path(run_dir)
+    stages = completed_stages(run_dir)
+    if not stages or not (run_dir / "results.json").exists():
+        raise FileNotFoundError(f"{run_dir} holds no finished run (stage_<t>/ checkpoints and results.json); "
+                                "train it first (csmf train --out <dir>)")
+    trained_ids = bundle_item_ids(run_dir / "bundle").astype(str)
+    if not np.array_equal(trained_ids, np.asarray(data.items.ids).astype(str)):
+        raise ValueError(f"{run_dir} was trained on another item catalog ({len(trained_ids):,} items) than "
+                         f"these data ({len(data.items):,} items); pass the data flags the run was trained with")
+    config = TrainingConfig.from_json(json.loads((stage_dir(run_dir, stages[-1]) / "config.json").read_text()))
+    model = build_model(config, data.users, data.items, data.table.feature_kinds)
+    checkpoints.load_stage(model, run_dir, stages[-1])
+    logs = [json.loads((stage_dir(run_dir, s) / "metrics.json").read_text()) for s in stages]
+    results = json.loads((run_dir / "results.json").read_text())
+    prior = None
+    if config.popularity_prior:
+        served = model.num_stages
+        prior = PopularityPrior(training_log_popularity(data, data.table.objectives)[:, :served],
+                                np.float32(results["prior_alphas"][:served]))
+    return TrainedRun(model, logs, results, prior, run_dir)
+
+
+def scoring_vectors(run: TrainedRun, data: EvaluationData) -> ScoringVectors:
+    """The run's stage scores on ``data`` (objectives: the model's stages), with its prior when it has one:
+    what its export serves."""
+    vectors = cascade_vectors(run.model, data, run.model.objectives)
+    if run.prior is None:
+        return vectors
+    return with_prior(vectors, run.prior.log_popularity, run.prior.alphas)
 
 
 def training_log_popularity(data: PreparedData, objectives: Sequence[str]) -> np.ndarray:
