@@ -1,7 +1,10 @@
-"""Streaming input from TFRecord shards vs the in-memory path: examples per second and peak memory.
+"""Streaming input from TFRecord shards vs the in-memory path: examples per second and peak memory; and
+what a later stage reads from positive shards vs a scan of every record.
 
     python -m benchmarks.bench_streaming                       # 10^6 and 10^7 exposures
     python -m benchmarks.bench_streaming --sizes 1000000 --train-steps 100
+    python -m benchmarks.bench_streaming --sizes 10000000 --phases stage_reads \
+        --out docs/results/training/bench_streaming.json      # later stages: positive shards vs scan
 
 For each size the data is generated chunk by chunk into ``--data-dir`` (cached: a later run reuses it),
 then every measurement runs in its own subprocess, so each peak RSS (``ru_maxrss``) belongs to one phase:
@@ -11,7 +14,15 @@ then every measurement runs in its own subprocess, so each peak RSS (``ru_maxrss
   (and of the click dataset with cascade hard negatives, whose index the first use builds);
 - ``stream_train``: one ``fit`` of a small model on the streamed exposure data, ``--train-steps`` steps;
 - ``memory_input`` / ``memory_train`` (sizes up to ``--memory-max``): the same on the in-memory path
-  (``read_tfrecord`` of the shards, then :func:`make_objective_dataset`).
+  (``read_tfrecord`` of the shards, then :func:`make_objective_dataset`);
+- ``stage_reads``: per later stage (click, conversion), what it reads and how long it takes, measured in
+  one process for a source that scans every record (``positive_shards=False``) and one that reads the
+  positive shards: the hard-negative index pass (records, bytes, seconds) and one epoch of the stage's
+  training data as training builds it (catalog items, cascade hard negatives). Records read are the
+  records of the files the pass reads (:meth:`TFRecordSource.epoch_files`); bytes read are measured by
+  the kernel (``rchar`` of ``/proc/self/io``: every byte this process read through ``read``);
+- ``add_positive_shards``: :func:`write_positive_shards`, only when cached shards have none (written by
+  an older version), before ``stage_reads``.
 
 Input epochs run ``--repeats`` times, the fastest is kept (the machine may be shared; the 1-minute load
 average after each phase is recorded). Examples per second of ``*_train`` exclude the first
@@ -30,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from csmf_tf.data.files import positives_manifest_path
 
 REPO = Path(__file__).resolve().parents[1]
 #: users, items and shards per number of exposures (~100 exposures per user).
@@ -64,9 +77,12 @@ def phase_generate(data_dir: Path, size: int, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     files = write_cascade_tfrecord(folder / "cascade", users, items, size, num_shards=shards, seed=seed)
     seconds = time.perf_counter() - start
+    manifest = json.loads(files.positives_manifest.read_text())
     result = {"rows": files.rows, "users": users, "items": items, "shards": shards, "seconds": seconds,
               "rows_per_s": files.rows / seconds, "positives": files.positives,
-              "bytes_on_disk": sum(p.stat().st_size for p in files.paths), "peak_rss_mb": peak_rss_mb()}
+              "bytes_on_disk": sum(p.stat().st_size for p in files.paths),
+              "positive_shard_bytes": sum(p["bytes"] for s in manifest["shards"] for p in s["positives"].values()),
+              "peak_rss_mb": peak_rss_mb()}
     (folder / "generated.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -110,6 +126,72 @@ def phase_stream_input(data_dir: Path, size: int, batch_size: int, shuffle_buffe
             "click_hn_rows": click_rows, "click_hn_epoch_seconds": click_seconds,
             "click_hn_examples_per_s": click_rows / click_seconds,
             "peak_rss_mb": peak_rss_mb()}
+
+
+def read_bytes() -> int:
+    """Bytes this process has read through ``read``-family system calls so far (Linux ``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/io has no rchar line")
+
+
+def phase_add_positive_shards(data_dir: Path, size: int) -> dict[str, Any]:
+    import csmf_tf  # noqa: F401
+    from csmf_tf.data.files import write_positive_shards
+
+    _, pattern = data_paths(data_dir, size)
+    start = time.perf_counter()
+    manifest = write_positive_shards(pattern)
+    seconds = time.perf_counter() - start
+    shards = json.loads(manifest.read_text())["shards"]
+    return {"seconds": seconds, "records": sum(s["records"] for s in shards),
+            "positive_shard_bytes": sum(p["bytes"] for s in shards for p in s["positives"].values()),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def phase_stage_reads(data_dir: Path, size: int, batch_size: int, shuffle_buffer: int,
+                      repeats: int) -> dict[str, Any]:
+    import csmf_tf  # noqa: F401
+    import tensorflow as tf  # noqa: F401
+    from csmf_tf.data.streaming import TFRecordSource
+
+    _, pattern = data_paths(data_dir, size)
+    result: dict[str, Any] = {}
+    for mode, positive_shards in (("scan", False), ("positive_shards", True)):
+        start = time.perf_counter()
+        source = TFRecordSource(pattern, shuffle_buffer=shuffle_buffer, positive_shards=positive_shards)
+        r: dict[str, Any] = {"first_pass_seconds": time.perf_counter() - start, "rows": source.num_rows}
+        for t, objective in enumerate(source.objectives[1:], start=1):
+            upstream = source.objectives[t - 1]
+            bytes_before, start = read_bytes(), time.perf_counter()
+            index = source.hard_negative_index(objective)
+            index_seconds, index_bytes = time.perf_counter() - start, read_bytes() - bytes_before
+            ds = source.objective_dataset(objective, batch_size, seed=0, item_catalog=source.item_catalog(),
+                                          hard_negatives=True)
+            bytes_before = read_bytes()
+            rows, seconds = _iterate(ds, repeats)
+            r[objective] = {
+                "index_records_read": source.epoch_records(upstream), "index_bytes_read": index_bytes,
+                "index_seconds": index_seconds, "index_candidates": len(index.items),
+                "epoch_files": len(source.epoch_files(objective)),
+                "epoch_file_bytes": sum(os.path.getsize(f) for f in source.epoch_files(objective)),
+                "epoch_records_read": source.epoch_records(objective),
+                "epoch_bytes_read": (read_bytes() - bytes_before) / repeats,
+                "epoch_seconds": seconds, "examples": rows, "examples_per_s": rows / seconds,
+                "stage_records_read": source.epoch_records(upstream) + source.epoch_records(objective),
+                "stage_seconds": index_seconds + seconds}
+        result[mode] = r
+    for objective in [k for k, v in result["scan"].items() if isinstance(v, dict)]:
+        scan, positives = result["scan"][objective], result["positive_shards"][objective]
+        if scan["examples"] != positives["examples"]:
+            raise RuntimeError(f"{objective}: {scan['examples']} examples from the scan, {positives['examples']} "
+                               "from the positive shards")
+        result[f"{objective}_ratios"] = {
+            key: scan[key] / positives[key] for key in ("epoch_records_read", "epoch_bytes_read", "epoch_seconds",
+                                                        "stage_records_read", "stage_seconds")}
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
 
 
 def phase_memory_input(data_dir: Path, size: int, batch_size: int, repeats: int) -> dict[str, Any]:
@@ -215,6 +297,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         if g:
             row(size, "stream", "generate (chunked)", g["rows_per_s"], g["seconds"], g["peak_rss_mb"],
                 f"{g['shards']} shards, {g['bytes_on_disk'] / 2**20:,.0f} MiB"
+                + (f" + positive shards {g['positive_shard_bytes'] / 2**20:,.0f} MiB" if "positive_shard_bytes" in g else "")
                 + (" (cached: measured when generated)" if "generate" not in r else ""))
         s = r.get("stream_input")
         if s:
@@ -240,6 +323,31 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_stage_table(results: dict[str, dict[str, Any]]) -> str:
+    """Later stages, scan vs positive shards: records/bytes read and seconds of the hard-negative index
+    pass and of one epoch, and their sum (the stage with one epoch)."""
+    lines = ["| exposures | stage | reads | HN index: records read | s | epoch: records read | MiB read | s "
+             "| examples/s | stage (index + 1 epoch): records read | s |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, r in results.items():
+        reads = r.get("stage_reads")
+        if not reads:
+            continue
+        for objective in [k for k, v in reads["scan"].items() if isinstance(v, dict)]:
+            for mode in ("scan", "positive_shards"):
+                m = reads[mode][objective]
+                lines.append(
+                    f"| {int(size):,} | {objective} | {mode.replace('_', ' ')} | {m['index_records_read']:,} | "
+                    f"{m['index_seconds']:,.1f} | {m['epoch_records_read']:,} | {m['epoch_bytes_read'] / 2**20:,.0f} | "
+                    f"{m['epoch_seconds']:,.1f} | {m['examples_per_s']:,.0f} | {m['stage_records_read']:,} | "
+                    f"{m['stage_seconds']:,.1f} |")
+            q = reads[f"{objective}_ratios"]
+            lines.append(f"| {int(size):,} | {objective} | scan / positive shards | | | "
+                         f"{q['epoch_records_read']:.1f}x | {q['epoch_bytes_read']:.1f}x | {q['epoch_seconds']:.1f}x | | "
+                         f"{q['stage_records_read']:.1f}x | {q['stage_seconds']:.1f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000000,10000000", help="exposures, comma-separated")
@@ -253,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the in-memory phases only for sizes up to this")
     parser.add_argument("--repeats", type=int, default=2, help="input epochs per measurement (fastest kept)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", default="stream_input,stream_train,memory_input,memory_train,stage_reads",
+                        help="comma-separated phases to run per size (data generation runs when needed)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -267,10 +377,17 @@ def main(argv: list[str] | None = None) -> int:
             "memory_input": lambda: phase_memory_input(args.data_dir, args.size, args.batch_size, args.repeats),
             "memory_train": lambda: phase_memory_train(args.data_dir, args.size, args.batch_size,
                                                        args.train_steps, args.warmup_steps),
+            "add_positive_shards": lambda: phase_add_positive_shards(args.data_dir, args.size),
+            "stage_reads": lambda: phase_stage_reads(args.data_dir, args.size, args.batch_size, args.shuffle_buffer,
+                                                     args.repeats),
         }
         print(json.dumps(phases[args.phase]()))
         return 0
 
+    phases = [p for p in args.phases.split(",") if p]
+    known = ("stream_input", "stream_train", "memory_input", "memory_train", "stage_reads")
+    if set(phases) - set(known):
+        parser.error(f"--phases: unknown {sorted(set(phases) - set(known))}; choose from {known}")
     results: dict[str, dict[str, Any]] = {}
     for size in (int(float(s)) for s in args.sizes.split(",")):
         folder, _ = data_paths(args.data_dir, size)
@@ -281,17 +398,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{size:,}] using cached shards in {folder}", flush=True)
         else:
             r["generate"] = run_phase(args, "generate", size)
-        for phase in ("stream_input", "stream_train"):
-            r[phase] = run_phase(args, phase, size)
-        if size <= args.memory_max:
-            for phase in ("memory_input", "memory_train"):
+        if "stage_reads" in phases and not positives_manifest_path(next(folder.glob("cascade-*.tfrecord"))).exists():
+            r["add_positive_shards"] = run_phase(args, "add_positive_shards", size)  # shards of an older version
+        for phase in phases:
+            if not phase.startswith("memory_") or size <= args.memory_max:
                 r[phase] = run_phase(args, phase, size)
         results[str(size)] = r
-    table = format_table(results)
+    table, stage_table = format_table(results), format_stage_table(results)
     print(table)
+    print(stage_table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k not in ("phase", "size")},
-                                    "results": results, "table": table}, indent=2) + "\n")
+                                    "results": results, "table": table, "stage_table": stage_table},
+                                   indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -2,7 +2,11 @@
 import collections
 import dataclasses
 import json
+import logging
+import os
+import shutil
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -10,7 +14,8 @@ import tensorflow as tf
 
 from csmf_tf.data.example_encoding import encode_examples
 from csmf_tf.data.streaming import HardNegativeIndex, TFRecordSource
-from csmf_tf.data.files import read_tfrecord, schema_path, write_tfrecord
+from csmf_tf.data.files import (positives_manifest_path, read_tfrecord, schema_path, write_positive_shards,
+                                write_tfrecord)
 from csmf_tf.data.synthetic import generate_cascade, write_cascade_tfrecord
 from csmf_tf.data.table import Catalog
 from csmf_tf.data.features import HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_PREFIX
@@ -343,8 +348,8 @@ def test_command_lines_generate_shards_and_train_from_them(tmp_path, capsys, mon
     out = capsys.readouterr().out
     assert "rows=2,000 users=80" in out and "cascade_holdout.tfrecord (holdout:" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cascade-00000-of-00002.tfrecord", "cascade-00001-of-00002.tfrecord", "cascade.schema.json",
-        "cascade_holdout.schema.json", "cascade_holdout.tfrecord"]
+        "cascade-00000-of-00002.tfrecord", "cascade-00001-of-00002.tfrecord", "cascade.positives",
+        "cascade.positives.json", "cascade.schema.json", "cascade_holdout.schema.json", "cascade_holdout.tfrecord"]
     with pytest.raises(SystemExit):
         generate_data.main(["--out-dir", str(tmp_path), "--format", "csv", "--holdout-users", "0.1"])
 
@@ -352,7 +357,9 @@ def test_command_lines_generate_shards_and_train_from_them(tmp_path, capsys, mon
 
     def fake_train(data, config, out_dir, stages=None, verbose=1, strategy=None, **kwargs):
         seen.update(data=data, config=config)
-        return TrainedRun(None, [], {"stage": {"exposure/recall@50": 0.5}}, None)
+        # Only the data reaching training is under test: the run stands in for a model by its objectives.
+        return TrainedRun(types.SimpleNamespace(objectives=config.objectives), [],
+                          {"stage": {"exposure/recall@50": 0.5}}, None)
 
     monkeypatch.setattr(train_cascade, "train_csmf", fake_train)
     train_cascade.main(["--out", str(tmp_path / "run"), "--train-tfrecords", str(tmp_path / "cascade-*.tfrecord"),
@@ -367,3 +374,191 @@ def test_command_lines_generate_shards_and_train_from_them(tmp_path, capsys, mon
     assert "exposure" in data.validation.eval_sets and len(data.users) == 80
     with pytest.raises(SystemExit):
         train_cascade.main(["--train-tfrecords", str(tmp_path / "cascade-*.tfrecord")])
+
+
+# ------------------------------------------------------------------------------------------- positive shards
+
+def raw_records(paths) -> list[bytes]:
+    return [r.numpy() for r in tf.data.TFRecordDataset([str(p) for p in paths])]
+
+
+def label(record: bytes, objective: str) -> int:
+    return tf.train.Example.FromString(record).features.feature[f"label/{objective}"].int64_list.value[0]
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read() system calls so far (kernel accounting)."""
+    return int(next(line for line in open("/proc/self/io") if line.startswith("rchar:")).split()[1])
+
+
+def assert_positive_shards_hold_each_shards_positives(paths, objectives=("click", "conversion")) -> dict:
+    """Every main shard's positive shard of each objective holds exactly its positive records, byte for
+    byte and in order, and the manifest's counts and sizes are right."""
+    manifest = json.loads(positives_manifest_path(paths[0]).read_text())
+    assert manifest["format"] == 1 and manifest["objectives"] == list(objectives)
+    assert [e["file"] for e in manifest["shards"]] == [p.name for p in paths]
+    for p, entry in zip(paths, manifest["shards"]):
+        main = raw_records([p])
+        assert entry["records"] == len(main) and entry["bytes"] == p.stat().st_size
+        for o in objectives:
+            shard = p.parent / entry["positives"][o]["file"]
+            expected = [r for r in main if label(r, o) == 1]
+            assert 0 < len(expected) < len(main)
+            assert raw_records([shard]) == expected, (p.name, o)
+            assert entry["positives"][o] == {"file": entry["positives"][o]["file"], "records": len(expected),
+                                             "bytes": shard.stat().st_size}
+    return manifest
+
+
+def test_writers_copy_each_shards_positives(shards, tmp_path):
+    assert_positive_shards_hold_each_shards_positives(shards)
+    assert (shards[0].parent / "cascade.positives" / "cascade-00001-of-00003.click.tfrecord").exists()
+
+    files = write_cascade_tfrecord(tmp_path / "g", 120, 90, 4_000, num_shards=2, seed=4, holdout_users=0.25)
+    assert files.positives_manifest == tmp_path / "g.positives.json"
+    manifest = assert_positive_shards_hold_each_shards_positives(files.paths)
+    for o in ("click", "conversion"):  # the holdout's positives stay in the holdout only
+        assert sum(e["positives"][o]["records"] for e in manifest["shards"]) == files.positives[o]
+
+    # Shards written without positive shards (as by an older version) get the same ones afterwards.
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in [*files.paths, schema_path(files.paths[0])]:
+        shutil.copy(p, old / p.name)
+    copies = sorted(old.glob("g-*.tfrecord"))
+    assert write_positive_shards(str(old / "g-*.tfrecord")) == old / "g.positives.json"
+    assert json.loads((old / "g.positives.json").read_text()) == manifest
+    for entry in manifest["shards"]:
+        for shard in entry["positives"].values():
+            assert (old / shard["file"]).read_bytes() == (tmp_path / shard["file"]).read_bytes()
+    assert_positive_shards_hold_each_shards_positives(copies)
+
+    only = write_cascade_tfrecord(tmp_path / "c", 120, 90, 4_000, num_shards=2, seed=4,
+                                  positive_objectives=("conversion",))
+    assert_positive_shards_hold_each_shards_positives(only.paths, ("conversion",))
+    none = write_cascade_tfrecord(tmp_path / "c", 120, 90, 4_000, num_shards=2, seed=4, positive_objectives=())
+    assert none.positives_manifest is None and not (tmp_path / "c.positives.json").exists()  # stale one removed
+    with pytest.raises(ValueError, match="purchase"):
+        write_cascade_tfrecord(tmp_path / "d", 120, 90, 4_000, positive_objectives=("purchase",))
+
+
+@pytest.fixture(scope="module")
+def scan_source(shards):
+    """The same files read the old way: every epoch scans and filters every record."""
+    return TFRecordSource(str(shards[0].parent / "cascade-*.tfrecord"), scan_batch_size=500, shuffle_buffer=1000,
+                          positive_shards=False)
+
+
+@pytest.mark.parametrize("objective", ["click", "conversion"])
+def test_later_stages_read_their_positive_shards_and_get_the_scans_examples(table, source, scan_source, objective):
+    positives = source.positive_counts[objective]
+    assert source.epoch_records(objective) == positives == len(raw_records(source.epoch_files(objective)))
+    assert all("cascade.positives" in f for f in source.epoch_files(objective))
+    assert scan_source.epoch_files(objective) == source.files and scan_source.epoch_records(objective) == 6_000
+    assert source.epoch_files("exposure") == source.files  # the first stage reads every record anyway
+
+    # the hard-negative index (built from the upstream positive shards for conversion) is the scan's, exactly
+    mine, scanned = source.hard_negative_index(objective), scan_source.hard_negative_index(objective)
+    np.testing.assert_array_equal(mine.offsets, scanned.offsets)
+    np.testing.assert_array_equal(mine.items, scanned.items)
+
+    # Every key (ids, features, sampling probabilities, drawn hard negatives and their mask) of every
+    # example: the same multiset, epoch after epoch, shuffled or not, on a hashed subset or not.
+    for kwargs in (dict(seed=5, item_catalog=table.item_catalog(), hard_negatives=True),
+                   dict(seed=3, shuffle=False, hard_negatives=True, fraction=0.5),
+                   dict(seed=2)):
+        ds, scan_ds = source.objective_dataset(objective, 64, **kwargs), scan_source.objective_dataset(objective, 64, **kwargs)
+        for _ in range(2):
+            got, expected = collect(ds), collect(scan_ds)
+            assert list(got) == list(expected)
+            assert row_multiset(got) == row_multiset(expected)
+            if "fraction" not in kwargs:
+                assert len(got["user_id"]) == positives
+            if "hard_negative_mask" in got:
+                assert 0 < got["hard_negative_mask"].mean()
+
+
+def test_an_epoch_reads_only_the_positive_shards(shards, tmp_path):
+    """Bytes read by one epoch (kernel accounting) are the positive shards' bytes, and the epoch still
+    runs once the main shards are gone."""
+    folder = tmp_path / "copy"
+    shutil.copytree(shards[0].parent, folder)
+    pattern = str(folder / "cascade-*.tfrecord")
+    source, scan = TFRecordSource(pattern), TFRecordSource(pattern, positive_shards=False)
+    main_bytes = sum(os.path.getsize(f) for f in source.files)
+    for objective in ("click", "conversion"):
+        source.hard_negative_index(objective)
+        positive_bytes = sum(os.path.getsize(f) for f in source.epoch_files(objective))
+        assert positive_bytes < main_bytes / 5
+        read = {}
+        for name, src in (("positives", source), ("scan", scan)):
+            ds = src.objective_dataset(objective, 64, hard_negatives=True)
+            collect(ds)  # first epoch: tracing and lookup tables
+            before = bytes_read()
+            collect(ds)
+            read[name] = bytes_read() - before
+        assert positive_bytes <= read["positives"] < 1.05 * positive_bytes + 65_536
+        assert read["scan"] >= main_bytes
+    expected = {o: row_multiset(collect(source.objective_dataset(o, 64, seed=1, hard_negatives=True)))
+                for o in ("click", "conversion")}
+    datasets = {o: source.objective_dataset(o, 64, seed=1, hard_negatives=True) for o in ("click", "conversion")}
+    scan_click = scan.objective_dataset("click", 64)
+    for f in source.files:
+        os.remove(f)
+    for o, ds in datasets.items():
+        assert row_multiset(collect(ds)) == expected[o]
+    with pytest.raises(tf.errors.NotFoundError):
+        collect(scan_click)
+
+
+def test_missing_or_stale_positive_shards(table, tmp_path, caplog):
+    paths = write_tfrecord(table.take(np.arange(3_000)), tmp_path / "s", num_shards=3)
+    pattern = str(tmp_path / "s-*.tfrecord")
+    manifest_path = positives_manifest_path(paths[0])
+    manifest = json.loads(manifest_path.read_text())
+    click = [tmp_path / e["positives"]["click"]["file"] for e in manifest["shards"]]
+
+    manifest_path.unlink()  # files written without positive shards: a one-line notice, then the scan
+    with caplog.at_level(logging.WARNING, logger="csmf_tf.data"):
+        old = TFRecordSource(pattern)
+    notices = [r.getMessage() for r in caplog.records if "positive shards" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0] and "write_positive_shards" in notices[0]
+    assert old.epoch_files("click") == old.files and old.epoch_records("click") == 3_000
+
+    def rewrite() -> None:
+        write_positive_shards(pattern)
+        assert TFRecordSource(pattern).epoch_files("click") == tuple(str(p) for p in click)
+
+    rewrite()
+    click[1].unlink()
+    with pytest.raises(FileNotFoundError, match=r"positive shard .*s-00001-of-00003\.click\.tfrecord .*missing"):
+        TFRecordSource(pattern)
+    rewrite()
+    with open(click[2], "ab") as fh:
+        fh.write(click[0].read_bytes()[:100])
+    with pytest.raises(ValueError, match="stale positive shards: .*click.tfrecord has"):
+        TFRecordSource(pattern)
+    rewrite()
+    edited = json.loads(manifest_path.read_text())
+    edited["shards"][0]["positives"]["conversion"]["records"] += 1
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="stale positive shards: the 'conversion' positive shards hold"):
+        TFRecordSource(pattern)
+    edited["format"] = 99
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="format 99"):
+        TFRecordSource(pattern)
+    rewrite()
+    kept = manifest_path.read_text()  # main shards rewritten with other rows, the old manifest restored
+    write_tfrecord(table.take(np.arange(2_000)), tmp_path / "s", num_shards=3, positive_objectives=())
+    assert not manifest_path.exists()
+    manifest_path.write_text(kept)
+    with pytest.raises(ValueError, match="stale positive shards: .*s-00000-of-00003.tfrecord has .* bytes"):
+        TFRecordSource(pattern)
+
+    write_tfrecord(table.take(np.arange(3_000)), tmp_path / "s", num_shards=3)
+    source = TFRecordSource(pattern)
+    ds = source.objective_dataset("click", 64)
+    shutil.copy(paths[0], click[0])  # a positive shard replaced by exposures after the checks
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not positive"):
+        collect(ds)

@@ -171,7 +171,7 @@ def test_generate_data_cli(tmp_path, capsys):
     assert "rows=900 users=60" in out and "click" in out and "rate=" in out
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["cascade-00000-of-00002.tfrecord", "cascade-00001-of-00002.tfrecord", "cascade.csv",
-                     "cascade.schema.json"]
+                     "cascade.positives", "cascade.positives.json", "cascade.schema.json"]
     expected = generate_cascade(60, 50, 900, seed=2)
     assert_tables_equal(expected, read_csv(tmp_path / "cascade.csv"))
     assert_tables_equal(expected, read_tfrecord(str(tmp_path / "cascade-*.tfrecord")))

@@ -10,7 +10,7 @@ TensorFlow is imported lazily (only by the TFRecord and tf.data functions).
 """
 from csmf_tf.data.adapters import read_ali_ccp, read_aliexpress, read_beibei, read_generic, read_movielens
 from csmf_tf.data.splits import Splits, pair_hash_unit, split_table
-from csmf_tf.data.files import read_csv, read_tfrecord, write_csv, write_tfrecord
+from csmf_tf.data.files import read_csv, read_tfrecord, write_csv, write_positive_shards, write_tfrecord
 from csmf_tf.data.synthetic import (DEFAULT_NUM_EXPOSURES, DEFAULT_NUM_ITEMS, DEFAULT_NUM_USERS, CascadeConfig,
                                     CascadeFiles, CascadeTruth, default_dataset, generate_cascade,
                                     generate_cascade_with_truth, write_cascade_tfrecord)
@@ -30,6 +30,7 @@ __all__ = [
     "CascadeConfig", "CascadeTruth", "generate_cascade", "generate_cascade_with_truth", "default_dataset",
     "DEFAULT_NUM_USERS", "DEFAULT_NUM_ITEMS", "DEFAULT_NUM_EXPOSURES",
     "write_csv", "read_csv", "write_tfrecord", "read_tfrecord", "write_cascade_tfrecord", "CascadeFiles",
+    "write_positive_shards",
     "TFRecordSource", "HardNegativeIndex",
     "Splits", "split_table", "pair_hash_unit",
     "features", "item_sampling_probabilities", "cascade_hard_negatives", "objective_columns",

@@ -22,48 +22,51 @@ permutation per window and epoch). A record stays within its window, as with a s
 size; the window is permuted in one op because element-wise ``Dataset.shuffle`` was the bottleneck
 (2.4x fewer examples per second on 10^6 rows).
 
+**Later stages read only their positives** when the files have positive shards (written by the TFRecord
+writers, or added by :func:`csmf_tf.data.files.write_positive_shards`): an epoch of objective ``t`` then
+reads the positive shards of ``t`` (one per file, same interleaving and shuffling), i.e. O(positives of
+``t``) records instead of every exposure, and checks each record's label (a non-positive record is an
+error, not a filtered row). The manifest (``<stem>.positives.json``) is checked at construction against
+the files' byte sizes and the first pass' row and positive counts, so stale or missing positive shards
+are a clear error. Files without a manifest (e.g. written by an older version) are scanned and filtered
+as before, with a one-line notice. Either way an epoch gives the same multiset of examples
+(:meth:`TFRecordSource.epoch_files` names what it reads).
+
 **Cascade hard negatives are implemented** (not just refused): the first call for objective ``t`` makes
-a second streaming pass that builds a per-user index of the user's rows positive for ``t-1`` but not for
-``t`` (CSR: ``int64`` offsets per user, one ``int32`` item row per candidate row, ~4 bytes per
-candidate; cached). This index is the one structure that grows with the data: for the click stage it
-has one entry per unclicked exposure (~0.9 of the rows, ~36 MB at 10^7 rows). Each batch draws one
-candidate per row with a stateless uniform keyed by the seed and a seeded per-batch random key (new
-every epoch), so the draws follow the same rule as :func:`~csmf_tf.data.tfdata.cascade_hard_negatives`
-but not its exact numbers.
+a second streaming pass (over the positive shards of ``t-1`` when there are some, else every file) that
+builds a per-user index of the user's rows positive for ``t-1`` but not for ``t`` (CSR: ``int64``
+offsets per user, one ``int32`` item row per candidate row, ~4 bytes per candidate; cached). This index
+is the one structure that grows with the data: for the click stage it has one entry per unclicked
+exposure (~0.9 of the rows, ~36 MB at 10^7 rows). Each row draws one candidate with a uniform that is a
+hash of the record's bytes and a seeded random key per epoch: the draw does not depend on the record's
+batch or position, so the reading order (positive shards or a scan, shuffled or not) never changes
+which hard negative an example gets in an epoch. The draws follow the same rule as
+:func:`~csmf_tf.data.tfdata.cascade_hard_negatives` but not its exact numbers.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from csmf_tf.data.files import schema_path
+from csmf_tf.data.files import POSITIVES_FORMAT, positives_manifest_path, resolve_files, schema_path
 from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog, InteractionTable, objective_position
 from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
                                    hard_negative)
 from csmf_tf.data.tfdata import _as_tensor_column, _catalog_rows
 
+logger = logging.getLogger("csmf_tf.data")
+
 #: Records without a ``row`` feature (other writers) are ordered after every numbered record, by position.
 _UNNUMBERED = 1 << 40
-
-
-def resolve_files(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Sorted matches of a glob pattern, or the given list of paths; ``FileNotFoundError`` if none exist."""
-    import tensorflow as tf
-
-    if isinstance(files, (str, os.PathLike)):
-        found = sorted(tf.io.gfile.glob(str(files)))
-        paths = found or [str(files)]
-    else:
-        paths = [str(p) for p in files]
-    missing = [p for p in paths if not tf.io.gfile.exists(p)]
-    if not paths or missing:
-        raise FileNotFoundError(f"TFRecord file(s) not found: {missing or files}")
-    return paths
+#: Hard-negative draws: a record's uniform is its salted hash modulo this, divided by it (float64-exact).
+_DRAW_BUCKETS = 1 << 53
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +125,9 @@ class TFRecordSource:
       cycle_length: shards read in parallel (interleaved).
       parse_batch_size: records per vectorised label parse in :meth:`objective_dataset`.
       scan_batch_size: records per step of the streaming passes (bounds their working memory).
+      positive_shards: read an objective's positive shards when the files' manifests list them (see
+        the module docstring); ``False`` scans every record for every objective (as for files without
+        positive shards).
 
     Attributes:
       files: the resolved paths; objectives, feature_kinds, user_feature_kinds, item_feature_kinds,
@@ -130,7 +136,8 @@ class TFRecordSource:
     """
 
     def __init__(self, files: str | os.PathLike | Iterable[str | os.PathLike], *, shuffle_buffer: int = 65_536,
-                 cycle_length: int = 4, parse_batch_size: int = 1024, scan_batch_size: int = 65_536) -> None:
+                 cycle_length: int = 4, parse_batch_size: int = 1024, scan_batch_size: int = 65_536,
+                 positive_shards: bool = True) -> None:
         for name, value in (("shuffle_buffer", shuffle_buffer), ("cycle_length", cycle_length),
                             ("parse_batch_size", parse_batch_size), ("scan_batch_size", scan_batch_size)):
             if value < 1:
@@ -151,6 +158,8 @@ class TFRecordSource:
         self._hard_negatives: dict[int, HardNegativeIndex] = {}
         self._tables = None  # id -> catalog row lookup tables, built on first use
         self._scan()
+        # objective index -> its positive shards, one per file in self.files' order
+        self._positive_files: dict[int, tuple[str, ...]] = self._load_positive_shards() if positive_shards else {}
 
     # ------------------------------------------------------------------------------------ first pass
 
@@ -176,10 +185,10 @@ class TFRecordSource:
                         [], tf.string if kind == CATEGORICAL else tf.float32)
         return spec
 
-    def _batches(self, spec: dict, keep=None, transform=None):
-        """Numpy batches of parsed records, in file order (sequential reads: the order is the fallback
-        row key). In the pipeline, ``keep(parsed) -> bool [B]`` selects records and ``transform(parsed)
-        -> dict`` replaces the parsed columns, when given."""
+    def _batches(self, spec: dict, keep=None, transform=None, files: Sequence[str] | None = None):
+        """Numpy batches of parsed records of ``files`` (default: every file), in file order (sequential
+        reads: the order is the fallback row key). In the pipeline, ``keep(parsed) -> bool [B]`` selects
+        records and ``transform(parsed) -> dict`` replaces the parsed columns, when given."""
         import tensorflow as tf
 
         def parse(serialized):
@@ -189,7 +198,7 @@ class TFRecordSource:
                 parsed = {k: tf.boolean_mask(v, mask) for k, v in parsed.items()}
             return parsed if transform is None else transform(parsed)
 
-        ds = tf.data.TFRecordDataset(list(self.files)).batch(self.scan_batch_size)
+        ds = tf.data.TFRecordDataset(list(files or self.files)).batch(self.scan_batch_size)
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
         return ds.as_numpy_iterator()
 
@@ -220,6 +229,73 @@ class TFRecordSource:
 
         self._users = catalog(users, self.user_feature_kinds)
         self._items = catalog(items, self.item_feature_kinds)
+
+    def _load_positive_shards(self) -> dict[int, tuple[str, ...]]:
+        """The positive shards of each objective that has them, from the files' manifests, checked against
+        the files (byte sizes) and the first pass (row and positive counts); ``{}`` with a notice when a
+        file has no manifest."""
+        by_manifest: dict[Path, list[str]] = {}
+        for f in self.files:
+            by_manifest.setdefault(positives_manifest_path(f), []).append(f)
+        absent = [str(m) for m in by_manifest if not m.exists()]
+        if absent:
+            logger.warning("no positive shards for %s (no %s; files written without them, e.g. by an older "
+                           "version): later stages scan all %d records; "
+                           "csmf_tf.data.files.write_positive_shards adds them",
+                           self.files[0] if len(self.files) == 1 else f"{len(self.files)} files",
+                           absent[0], self.num_rows)
+            return {}
+
+        def stale(what: str) -> ValueError:
+            return ValueError(f"stale positive shards: {what}; rewrite them with "
+                              "csmf_tf.data.files.write_positive_shards (or pass positive_shards=False)")
+
+        entries: dict[str, tuple[Path, dict]] = {}
+        covered: set[str] | None = None
+        for manifest, files in by_manifest.items():
+            content = json.loads(manifest.read_text())
+            if content.get("format") != POSITIVES_FORMAT:
+                raise ValueError(f"{manifest}: positives manifest format {content.get('format')!r}; this "
+                                 f"version reads format {POSITIVES_FORMAT}")
+            listed = {e["file"]: e for e in content["shards"]}
+            for f in files:
+                entry = listed.get(Path(f).name)
+                if entry is None:
+                    raise stale(f"{manifest} does not list {f}")
+                size = Path(f).stat().st_size
+                if size != entry["bytes"]:
+                    raise stale(f"{f} has {size} bytes, {manifest} recorded {entry['bytes']} (the shard "
+                                "changed after its positive shards were written)")
+                entries[f] = (manifest.parent, entry)
+            covered = set(content["objectives"]) if covered is None else covered & set(content["objectives"])
+        unknown = sorted(covered - set(self.objectives))
+        if unknown:
+            raise stale(f"the manifests list objectives {unknown} that the schema lacks ({self.objectives})")
+        listed_rows = sum(entry["records"] for _, entry in entries.values())
+        if listed_rows != self.num_rows:
+            raise stale(f"the manifests count {listed_rows} records in these {len(self.files)} files, the "
+                        f"files hold {self.num_rows}")
+        plan: dict[int, tuple[str, ...]] = {}
+        for t, o in enumerate(self.objectives):
+            if o not in covered:
+                continue
+            paths, records = [], 0
+            for f in self.files:
+                base, entry = entries[f]
+                shard = entry["positives"][o]
+                path = base / shard["file"]
+                if not path.exists():
+                    raise FileNotFoundError(f"positive shard {path} ({o!r} positives of {f}), listed in "
+                                            f"{positives_manifest_path(f)}, is missing")
+                if path.stat().st_size != shard["bytes"]:
+                    raise stale(f"{path} has {path.stat().st_size} bytes, the manifest recorded {shard['bytes']}")
+                paths.append(str(path))
+                records += shard["records"]
+            if records != self.positive_counts[o]:
+                raise stale(f"the {o!r} positive shards hold {records} records (manifest), the files have "
+                            f"{self.positive_counts[o]} {o!r} positives")
+            plan[t] = tuple(paths)
+        return plan
 
     # ------------------------------------------------------------------------------------ metadata
 
@@ -257,6 +333,16 @@ class TFRecordSource:
         nz = np.flatnonzero(counts)
         return {self._items.ids[r]: float(counts[r]) / float(total) for r in nz}
 
+    def epoch_files(self, objective: str | int) -> tuple[str, ...]:
+        """The files an epoch of :meth:`objective_dataset` for ``objective`` reads: its positive shards when
+        the manifest lists them, else every file (scanned and filtered)."""
+        return self._positive_files.get(self.objective_index(objective), self.files)
+
+    def epoch_records(self, objective: str | int) -> int:
+        """Records an epoch of ``objective`` reads: its positives with positive shards, else every row."""
+        t = self.objective_index(objective)
+        return self.positive_counts[self.objectives[t]] if t in self._positive_files else self.num_rows
+
     def held_bytes(self) -> int:
         """Bytes held in numpy arrays and the strings they reference (catalogs, counts, cached
         hard-negative indexes): independent of the number of rows, except the hard-negative indexes."""
@@ -271,8 +357,9 @@ class TFRecordSource:
     # ------------------------------------------------------------------------------ further passes
 
     def hard_negative_index(self, objective: str | int) -> HardNegativeIndex:
-        """The cascade hard-negative candidates of ``objective`` (index ``t >= 1``), built by a streaming
-        pass on first use and cached (memory: ~4 bytes per candidate row, see the module docstring)."""
+        """The cascade hard-negative candidates of ``objective`` (index ``t >= 1``), built on first use by
+        a streaming pass over the positives of ``t-1`` (their positive shards, else every file) and cached
+        (memory: ~4 bytes per candidate row, see the module docstring)."""
         t = self.objective_index(objective)
         if not 1 <= t < self.num_objectives:
             raise ValueError(f"cascade hard negatives need an objective with an upstream stage (index 1.."
@@ -287,7 +374,8 @@ class TFRecordSource:
             for batch in self._batches(self._spec(labels=(t - 1, t)),
                                        keep=lambda p: tf.equal(p[up], 1) & tf.equal(p[own], 0),
                                        transform=lambda p: {"u": tf.cast(user_row.lookup(p["user_id"]), tf.int32),
-                                                            "i": tf.cast(item_row.lookup(p["item_id"]), tf.int32)}):
+                                                            "i": tf.cast(item_row.lookup(p["item_id"]), tf.int32)},
+                                       files=self._positive_files.get(t - 1)):
                 user_rows.append(batch["u"])
                 item_rows.append(batch["i"])
             users = np.concatenate(user_rows or [np.zeros(0, np.int32)])
@@ -340,10 +428,10 @@ class TFRecordSource:
         """The streaming counterpart of :func:`csmf_tf.data.tfdata.make_objective_dataset`.
 
         Same arguments and the same element format (dict of ``[B]`` ``tf.string`` / ``tf.float32``
-        tensors, same keys), read from the files each epoch. Differences: ``shuffle`` reshuffles the
-        file order and permutes windows of ``shuffle_buffer`` records (windowed, not global),
-        ``shuffle=False`` gives the interleaved file order; hard negatives are drawn as described in the
-        module docstring. ``fraction < 1`` keeps the rows whose keyed hash of ``(user_id, item_id, seed)``
+        tensors, same keys), read each epoch from :meth:`epoch_files` (the objective's positive shards,
+        or every file). Differences: ``shuffle`` reshuffles the file order and permutes windows of
+        ``shuffle_buffer`` records (windowed, not global), ``shuffle=False`` gives the interleaved file
+        order; hard negatives are drawn as described in the module docstring. ``fraction < 1`` keeps the rows whose keyed hash of ``(user_id, item_id, seed)``
         falls below ``fraction`` (the same rows every epoch); sampling probabilities stay those of all
         positives.
 
@@ -351,6 +439,8 @@ class TFRecordSource:
           ValueError: no positive row for ``objective``, bad ``batch_size`` or ``fraction``, or hard
             negatives for the first objective.
           KeyError: a positive (or hard-negative candidate) item is missing from ``item_catalog``.
+          tf.errors.InvalidArgumentError (while iterating): a record of a positive shard is not positive
+            (positive shards out of step with the manifest).
         """
         import tensorflow as tf
 
@@ -380,6 +470,7 @@ class TFRecordSource:
             catalog_ids = _as_tensor_column(catalog.ids, CATEGORICAL)
             catalog_features = {k: _as_tensor_column(v, item_kinds[k]) for k, v in catalog.features.items()}
         label_key = f"label/{self.objectives[t]}"
+        positive_files = self._positive_files.get(t)
         filter_spec = self._spec(ids=fraction < 1.0, labels=(t,))
         spec = self._spec(user_features=True, item_features=item_catalog is None)
         threshold = int(fraction * (1 << 31))
@@ -387,13 +478,18 @@ class TFRecordSource:
         def positives(serialized):
             parsed = tf.io.parse_example(serialized, filter_spec)
             keep = tf.equal(parsed[label_key], 1)
+            if positive_files is not None:  # nothing to filter: a non-positive record means stale shards
+                with tf.control_dependencies([tf.debugging.assert_equal(keep, True, message=(
+                        f"a record of a positive shard of {self.objectives[t]!r} is not positive: positive "
+                        "shards out of step with their manifest (rewrite them with write_positive_shards)"))]):
+                    keep = tf.identity(keep)
             if fraction < 1.0:
                 pair = tf.strings.join([parsed["user_id"], parsed["item_id"]], separator="\x1f")
                 bucket = tf.strings.to_hash_bucket_strong(pair, 1 << 31, key=[seed & 0xFFFFFFFF, 0x5EED])
                 keep &= bucket < threshold
             return tf.boolean_mask(serialized, keep)
 
-        def finish(key, serialized):
+        def finish(epoch_key, serialized):
             parsed = tf.io.parse_example(serialized, spec)
             out = {USER_ID: parsed["user_id"]}
             out.update({k: parsed[f"user/{k}"] for k in self.user_feature_kinds})
@@ -415,8 +511,10 @@ class TFRecordSource:
                 start = tf.gather(offsets, safe)
                 count = tf.where(u >= 0, tf.gather(offsets, safe + 1) - start, tf.zeros_like(start))
                 has = count > 0
-                draw = tf.random.stateless_uniform(tf.shape(u), seed=tf.stack([tf.constant(seed, tf.int64), key]))
-                pick = start + tf.minimum(tf.cast(tf.floor(draw * tf.cast(count, tf.float32)), tf.int64),
+                # A uniform per record from its bytes and the epoch's key: independent of batch and position.
+                salted = tf.strings.join([tf.strings.as_string(epoch_key), serialized], separator="\x1f")
+                draw = tf.cast(tf.strings.to_hash_bucket_fast(salted, _DRAW_BUCKETS), tf.float64) / _DRAW_BUCKETS
+                pick = start + tf.minimum(tf.cast(tf.floor(draw * tf.cast(count, tf.float64)), tf.int64),
                                           tf.maximum(count - 1, 0))
                 own = catalog_row.lookup(parsed["item_id"])
                 negative = tf.where(has, tf.cast(tf.gather(candidates, tf.where(has, pick, 0)), tf.int64), own)
@@ -425,10 +523,11 @@ class TFRecordSource:
                 out[HARD_NEGATIVE_MASK] = tf.cast(has, tf.float32)
             return out
 
-        files = tf.data.Dataset.from_tensor_slices(list(self.files))
+        read = list(positive_files or self.files)
+        files = tf.data.Dataset.from_tensor_slices(read)
         if shuffle:
-            files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True)
-        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(self.cycle_length, len(self.files)),
+            files = files.shuffle(len(read), seed=seed, reshuffle_each_iteration=True)
+        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(self.cycle_length, len(read)),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         # Batches of serialised positives (variable sizes); nothing below handles records one by one:
         # per-element tf.data steps (unbatch, shuffle buffer) cost more than reading and parsing.
@@ -443,8 +542,16 @@ class TFRecordSource:
                 lambda records, key: tf.random.experimental.stateless_shuffle(records, seed=key),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
-        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)  # hard-negative keys
-        ds = tf.data.Dataset.zip((draws, ds)).map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # One hard-negative key per epoch: the scan keeps the first of a seeded stream re-drawn every epoch.
+        keys = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+
+        def keep_first_key(state, element):
+            (have, first), (key, batch) = state, element
+            first = tf.where(have, first, key)
+            return (tf.constant(True), first), (first, batch)
+
+        ds = tf.data.Dataset.zip((keys, ds)).scan((tf.constant(False), tf.constant(0, tf.int64)), keep_first_key)
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def _hard_negative_tensors(self, t: int, catalog: Catalog):

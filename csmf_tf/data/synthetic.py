@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from csmf_tf.data.files import _WRITE_CHUNK_ROWS, _encode_rows, _write_schema, shard_paths
+from csmf_tf.data.files import _WRITE_CHUNK_ROWS, PositiveShardWriter, _encode_rows, _write_schema, shard_paths
 from csmf_tf.data.table import CATEGORICAL, DEFAULT_OBJECTIVES, NUMERIC, InteractionTable
 
 # Logits per chunk (users x items): bounds memory at ~ 8 bytes x this x a few temporaries.
@@ -360,21 +360,23 @@ def _generate_compact(num_users: int, num_items: int, num_exposures: int, seed: 
         truth=truth)
 
 
-#: Sizes of :func:`default_dataset`: 3,000 users x 2,000 items, 150,000 exposures (50 per user on average).
-DEFAULT_NUM_USERS = 3_000
-DEFAULT_NUM_ITEMS = 2_000
-DEFAULT_NUM_EXPOSURES = 150_000
+#: Sizes of :func:`default_dataset`: 2,000 users x 1,500 items, 100,000 exposures (50 per user on average).
+#: Chosen so that the main job (about 2 minutes) and the full synthetic report (about an hour) fit on 2
+#: cores; until 2026-12-02 it was 3,000 x 2,000 x 150,000 (the archived synthetic report).
+DEFAULT_NUM_USERS = 2_000
+DEFAULT_NUM_ITEMS = 1_500
+DEFAULT_NUM_EXPOSURES = 100_000
 
 
 def default_dataset(seed: int = 0) -> InteractionTable:
-    """The project's default synthetic dataset: 3,000 users, 2,000 items, exactly 150,000 exposures.
+    """The project's default synthetic dataset: 2,000 users, 1,500 items, exactly 100,000 exposures.
 
     Default :class:`CascadeConfig` (click ~10 %, conversion ~2 % of exposures, relevance 3.0) and
-    ``latent_dim=16``. For ``seed=0``: 150,000 exposures, 14,988 clicks (9.99 %), 2,973 conversions
-    (1.98 %); exposures per user min 5 / median 41 / max 506. The relevance term is strong enough that
+    ``latent_dim=16``. For ``seed=0``: 100,000 exposures, 10,027 clicks (10.03 %), 1,979 conversions
+    (1.98 %); exposures per user min 5 / median 41 / max 454. The relevance term is strong enough that
     personalised retrieval beats popularity: on the default time split the exposure-only two-tower of
-    the main job reaches test exposure Recall@50 = 0.59 against 0.23 for popularity (measured with
-    ``relevance=3.0``; at 2.5 the ratio was only about 2.0). Click and conversion follow partly different
+    the main job reached test exposure Recall@50 = 0.59 against 0.23 for popularity at the former size
+    (measured with ``relevance=3.0``; at 2.5 the ratio was only about 2.0). Click and conversion follow partly different
     factors, so the objectives really differ.
     """
     return generate_cascade(DEFAULT_NUM_USERS, DEFAULT_NUM_ITEMS, DEFAULT_NUM_EXPOSURES, seed=seed)
@@ -389,7 +391,8 @@ class CascadeFiles:
 
     ``paths``: the training shards; ``holdout_path``: the holdout file (``None`` without holdout);
     ``rows`` / ``holdout_rows``: rows in each; ``positives`` / ``holdout_positives``: positives per
-    objective in each; ``num_users`` / ``num_items``: distinct users / items over all rows.
+    objective in each; ``num_users`` / ``num_items``: distinct users / items over all rows;
+    ``positives_manifest``: the manifest of the shards' positive shards (``None`` when none were written).
     """
 
     paths: list[Path]
@@ -400,12 +403,14 @@ class CascadeFiles:
     holdout_positives: dict[str, int]
     num_users: int
     num_items: int
+    positives_manifest: Path | None = None
 
 
 def write_cascade_tfrecord(path: str | os.PathLike, num_users: int, num_items: int, num_exposures: int,
                            num_shards: int = 1, seed: int = 0, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
                            latent_dim: int = 16, config: CascadeConfig | None = None,
-                           holdout_users: float = 0.0, holdout_time: float = 0.2) -> CascadeFiles:
+                           holdout_users: float = 0.0, holdout_time: float = 0.2,
+                           positive_objectives: Sequence[str] | None = None) -> CascadeFiles:
     """Generate a cascade and write it as sharded TFRecords chunk by chunk, never as a whole table.
 
     The rows are exactly those of :func:`generate_cascade` with the same arguments (``read_tfrecord``
@@ -421,6 +426,10 @@ def write_cascade_tfrecord(path: str | os.PathLike, num_users: int, num_items: i
     are known from training, and the training history of its users (to exclude from their rankings) is
     a small part of the shards. Shards keep the global row numbers (``row``), so shard ``k`` holds the
     non-holdout rows ``r`` with ``r % num_shards == k``.
+
+    Positive shards (for streaming later stages, :class:`~csmf_tf.data.files.PositiveShardWriter`): each
+    shard's positives of ``positive_objectives`` (``None``: every objective but the first; ``()``: none)
+    are also written to ``<stem>.positives/``, with the manifest ``<stem>.positives.json``.
     """
     import tensorflow as tf
 
@@ -440,11 +449,13 @@ def write_cascade_tfrecord(path: str | os.PathLike, num_users: int, num_items: i
     if holdout_users > 0:
         stem = Path(path).name.removesuffix(".tfrecord")
         holdout_path = paths[0].with_name(stem + HOLDOUT_SUFFIX + ".tfrecord")
+    positive_shards = PositiveShardWriter(paths, compact.objectives, positive_objectives)
     writers = [tf.io.TFRecordWriter(str(p)) for p in paths]
     holdout_writer = tf.io.TFRecordWriter(str(holdout_path)) if holdout_path else None
     num_objectives = len(compact.objectives)
     positives, holdout_positives = np.zeros(num_objectives, np.int64), np.zeros(num_objectives, np.int64)
     holdout_rows = 0
+    complete = False
     try:
         for a in range(0, n, _WRITE_CHUNK_ROWS):
             b = min(a + _WRITE_CHUNK_ROWS, n)
@@ -456,12 +467,16 @@ def write_cascade_tfrecord(path: str | os.PathLike, num_users: int, num_items: i
                 else:
                     writers[(a + k) % num_shards].write(record)
             labels = compact.labels[a:b].astype(np.int64)
+            kept = np.flatnonzero(~held)
+            positive_shards.add([records[k] for k in kept], (a + kept) % num_shards, labels[kept])
             holdout_positives += labels[held].sum(axis=0)
             positives += labels[~held].sum(axis=0)
             holdout_rows += int(held.sum())
+        complete = True
     finally:
         for w in writers + ([holdout_writer] if holdout_writer else []):
             w.close()
+        manifest = positive_shards.close(complete)
     schema_table = compact.rows(0, 0)
     _write_schema(schema_table, paths[0])
     if holdout_path is not None:
@@ -472,4 +487,5 @@ def write_cascade_tfrecord(path: str | os.PathLike, num_users: int, num_items: i
         positives={o: int(c) for o, c in zip(names, positives)},
         holdout_positives={o: int(c) for o, c in zip(names, holdout_positives)},
         num_users=int(np.count_nonzero(np.bincount(compact.user_index, minlength=num_users))),
-        num_items=int(np.count_nonzero(np.bincount(compact.item_index, minlength=num_items))))
+        num_items=int(np.count_nonzero(np.bincount(compact.item_index, minlength=num_items))),
+        positives_manifest=manifest)
