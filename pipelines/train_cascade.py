@@ -5,6 +5,9 @@
     python -m pipelines.train_cascade --out runs/big \
         --train-tfrecords 'data/big/cascade-*.tfrecord' --holdout data/big/cascade_holdout.tfrecord
                                                                      # stream the training rows from shards
+    python -m pipelines.train_cascade --out runs/ec --objectives exposure,click --reserve-tau 0.3
+    python -m pipelines.train_cascade --out runs/ecc --extend-from runs/ec --add-objective conversion
+                                  # reserve capacity, later add an objective (stages 1..S stay bit-identical)
 
 Each stage writes runs/<name>/stage_<t>/ (weights, ownership.json, config.json, metrics.json) and its
 TensorBoard logs to runs/<name>/tensorboard/stage_<t>/ (`tensorboard --logdir runs/<name>/tensorboard`);
@@ -24,6 +27,7 @@ import tensorflow as tf
 from csmf_tf.data.prepared import prepare, prepare_streaming
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.metrics.retrieval import format_results_table
+from csmf_tf.training.extend import extend_csmf
 from csmf_tf.training.run import train_csmf
 from csmf_tf.training.stages import TrainingConfig
 
@@ -35,6 +39,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--objectives", default="exposure,click,conversion")
     group.add_argument("--tau", default="0.3", help="CPP threshold per stage transition, comma-separated")
+    group.add_argument("--reserve-tau", type=float,
+                       help="CPP after the last stage too, with this tau: its units are reserved (inactive, not "
+                            "served) for an objective added later with --extend-from (default: no reserve)")
     group.add_argument("--eta", type=float, default=DEFAULTS.eta,
                        help="AML margin in logit units (nats) on the positive of stages t > 1 (0: plain TFRS loss)")
     group.add_argument("--no-popularity-prior", action="store_true",
@@ -91,7 +98,8 @@ def _config(args: argparse.Namespace) -> TrainingConfig:
         hard_negatives=not args.no_hard_negatives, recovery=not args.no_recovery,
         recovery_fraction=args.recovery_fraction, recovery_max_epochs=args.recovery_max_epochs,
         fusion_weights=floats(args.fusion_weights, "--fusion-weights"), seed=args.seed,
-        popularity_prior=not args.no_popularity_prior, start_is_candidate=not args.no_start_candidate)
+        popularity_prior=not args.no_popularity_prior, start_is_candidate=not args.no_start_candidate,
+        reserve_tau=args.reserve_tau)
 
 
 def worker_out_dir(out: Path, resolver) -> Path:
@@ -114,8 +122,19 @@ def main(argv=None) -> None:
                         help="tf.distribute.MultiWorkerMirroredStrategy configured by TF_CONFIG; the chief "
                              "writes to --out, worker i to --out/.worker_<i>")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs under <out>/tensorboard")
+    extend = parser.add_argument_group("adding an objective to a trained run")
+    extend.add_argument("--extend-from", metavar="RUN",
+                        help="a finished run trained with --reserve-tau: train --add-objective as its next stage "
+                             "on the capacity it reserved, into the new run --out (its training settings are "
+                             "RUN's; the data flags must be RUN's; --reserve-tau reserves again)")
+    extend.add_argument("--add-objective", metavar="NAME", help="the objective --extend-from adds (e.g. conversion)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    if bool(args.extend_from) != bool(args.add_objective):
+        parser.error("--extend-from and --add-objective go together")
+    if args.extend_from and (args.multi_worker or args.stage or args.train_tfrecords):
+        parser.error("--extend-from trains in memory on one worker: without --multi-worker, --stage or "
+                     "--train-tfrecords")
     verbose = configure_output(args.verbose)
     strategy, out = None, Path(args.out)
     if args.multi_worker:
@@ -133,10 +152,17 @@ def main(argv=None) -> None:
         data = prepare(table, seed=args.data_seed)
         check_prepared(data, args)
     board = None if args.no_tensorboard else out / "tensorboard"
-    results = train_csmf(data, config, out, args.stage, verbose=verbose, strategy=strategy,
-                         tensorboard_dir=board).results
+    if args.extend_from:
+        try:
+            run = extend_csmf(data, Path(args.extend_from), args.add_objective, out, reserve_tau=args.reserve_tau,
+                              verbose=verbose, tensorboard_dir=board)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"--extend-from {args.extend_from}: {error}") from None
+    else:
+        run = train_csmf(data, config, out, args.stage, verbose=verbose, strategy=strategy, tensorboard_dir=board)
+    results = run.results
     rows = {"CSMF (s_t)": results["stage"], **({"CSMF fused": results["fused"]} if "fused" in results else {})}
-    print(format_results_table(rows, objectives=config.objectives))
+    print(format_results_table(rows, objectives=run.model.objectives))
 
 
 if __name__ == "__main__":

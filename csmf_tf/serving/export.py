@@ -38,6 +38,7 @@ from csmf_tf.serving.index import ScannOptions, build_index
 from csmf_tf.serving.module import RetrievalServingModule
 from csmf_tf.serving.publish import publish_next_version
 from csmf_tf.serving.recall import check_ann_recall, check_recall_options, measure_ann_recall
+from csmf_tf.serving.reserved import drop_reserved_dimensions
 from csmf_tf.serving.tower_inputs import check_input_names, embed_catalog, input_specs_of, keyword_function
 from csmf_tf.serving.verify import verify_export
 
@@ -77,6 +78,9 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
     if owner_stage.ndim != 1 or not np.issubdtype(owner_stage.dtype, np.integer):
         raise ValueError(f"owner_stage must be a 1-D integer array, got {owner_stage.dtype} "
                          f"{owner_stage.shape}")
+    # Dimensions reserved for a later objective (training/extend.py) are zero and serve no objective.
+    trained_dim = owner_stage.size
+    user_model, item_model, owner_stage = drop_reserved_dimensions(user_model, item_model, owner_stage, s)
     if owner_stage.size == 0 or owner_stage.min() < 1 or owner_stage.max() > s:
         raise ValueError(f"owner_stage values must lie in [1, {s}] (one stage per objective)")
     weights = np.ones(s, np.float32) if default_weights is None else np.asarray(default_weights,
@@ -145,7 +149,8 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
                         for k, v in item_spec.items()},
         "signatures": {RETRIEVAL_SIGNATURE: "retrieval", USER_EMBEDDING_SIGNATURE: "user tower",
                        ITEM_EMBEDDING_SIGNATURE: "item tower", MODEL_INFO_SIGNATURE: "metadata"},
-        "ownership": {"owner_stage": owner_stage.astype(int).tolist(), "blocks": dims},
+        "ownership": {"owner_stage": owner_stage.astype(int).tolist(), "blocks": dims,
+                      "reserved_dimensions_dropped": int(trained_dim - owner_stage.size)},
         "folded_pruning_wrappers": folded,
     }
     return module, config
@@ -175,7 +180,8 @@ def export_retrieval_model(user_model: tf.keras.Model, item_model: tf.keras.Mode
         folded into the weights and no wrapper (:mod:`~csmf_tf.serving.folding`), so no request writes
         a variable; the towers themselves are neither called nor changed.
       item_catalog: every item of the corpus (``ids`` + item features); row order = index order.
-      owner_stage: ``[D]`` ints in ``1..S``: the stage that owns each output dimension.
+      owner_stage: ``[D]`` ints in ``1..S``: the stage that owns each output dimension (``S + 1``: capacity
+        reserved for a later objective, left out of the served vectors: :mod:`~csmf_tf.serving.reserved`).
       objectives: the ``S`` objective names in cascade order.
       default_weights: ``k_t`` used when a request gives no ``objective_weights`` (default: all 1).
       k_max: most results a request may ask for (the ScaNN index retrieves this many candidates);

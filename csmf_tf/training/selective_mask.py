@@ -66,7 +66,8 @@ def _free_weights(layer, stage: int, tau: float, min_free: int,
 
 
 def selective_mask(model: CascadeTwoTower, stage: int, tau: float, granularity: str = UNIT,
-                   min_output_units: int = 4, random_seed: int | None = None) -> list[LayerReport]:
+                   min_output_units: int = 4, random_seed: int | None = None,
+                   later_stages: int | None = None) -> list[LayerReport]:
     """Run CPP on ``stage``'s parameters, hand the pruned ones to ``stage + 1`` and re-mask.
 
     ``random_seed`` switches to the "without CPP" ablation: per layer, the same number of elements
@@ -74,8 +75,11 @@ def selective_mask(model: CascadeTwoTower, stage: int, tau: float, granularity: 
 
     Afterwards the model is still in ``stage`` (the freed parameters are zero and inactive), ready
     for accuracy recovery. Returns one report per CPP layer.
+
+    ``later_stages``: how many stages after ``stage`` need room in every layer (default: the model's
+    remaining stages; one more when capacity is reserved for an objective added later).
     """
-    later_stages = model.num_stages - stage
+    later_stages = model.num_stages - stage if later_stages is None else later_stages
     if later_stages < 1:
         raise ValueError(f"stage {stage} is the last of {model.num_stages}: nothing follows to free for")
     rng = None if random_seed is None else np.random.default_rng(random_seed)

@@ -49,6 +49,9 @@ class TrainingConfig:
     start_is_candidate: bool = True
     # tau[t-1]: CPP threshold applied after stage t (one per stage that has a successor).
     tau: tuple[float, ...] = (0.3, 0.3)
+    # [ours] CPP after the last stage too, with this tau: the freed units are reserved for an objective
+    # added later (training/extend.py), inactive (zero) until then. None: no reserve.
+    reserve_tau: float | None = None
     granularity: str = UNIT                 # [ours] unit-level CPP; "weight" for the ablation
     min_output_units: int = 4               # [ours] output dims every later stage is guaranteed
     random_selection: bool = False          # ablation "without CPP": random units, same counts
@@ -85,6 +88,12 @@ class TrainingConfig:
         bad_tau = [t for t in self.tau if not 0.0 <= t < 1.0]
         if bad_tau:
             raise ValueError(f"tau must be in [0, 1), got {bad_tau}")
+        if self.reserve_tau is not None:
+            if not 0.0 <= self.reserve_tau < 1.0:
+                raise ValueError(f"reserve_tau must be in [0, 1), got {self.reserve_tau}")
+            if self.granularity != UNIT:
+                raise ValueError(f"reserve_tau needs granularity {UNIT!r}: a weight-level model cannot be served, "
+                                 "so it cannot be extended and served either")
         if self.granularity not in (UNIT, WEIGHT):
             raise ValueError(f"granularity must be {UNIT!r} or {WEIGHT!r}, got {self.granularity!r}")
         if self.granularity == WEIGHT and self.eta != 0.0 and stages > 1:
@@ -115,7 +124,16 @@ class TrainingConfig:
 
     def single_objective(self, objective: str) -> "TrainingConfig":
         """The same settings for an ordinary (one-stage) two-tower of ``objective``."""
-        return dataclasses.replace(self, objectives=(objective,), tau=(), fusion_weights=(1.0,))
+        return dataclasses.replace(self, objectives=(objective,), tau=(), fusion_weights=(1.0,), reserve_tau=None)
+
+    def cpp_after(self, stage: int) -> float | None:
+        """The tau of the CPP that follows ``stage``: ``tau[stage-1]``, after the last stage ``reserve_tau``
+        (None: no CPP follows)."""
+        return self.tau[stage - 1] if stage < self.num_stages else self.reserve_tau
+
+    def later_stages(self, stage: int) -> int:
+        """The stages after ``stage`` that need room in every layer, the reserved one included."""
+        return self.num_stages - stage + (self.reserve_tau is not None)
 
     def batch_size_for(self, stage: int) -> int:
         return self.batch_size if stage == 1 or self.later_stage_batch_size is None else self.later_stage_batch_size
@@ -229,14 +247,16 @@ def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRe
             log = {"stage": stage, "train": fit_objective(
                 model, train, objective, items, validation, config, config.max_epochs_for(stage), verbose=verbose,
                 backup_dir=backups / f"stage_{stage}_train", tensorboard_dir=board)}
-        if stage < model.num_stages:
-            reports = selective_mask(model, stage, config.tau[stage - 1], config.granularity,
+        if config.cpp_after(stage) is not None:
+            reports = selective_mask(model, stage, config.cpp_after(stage), config.granularity,
                                      config.min_output_units,
-                                     random_seed=config.seed + stage if config.random_selection else None)
+                                     random_seed=config.seed + stage if config.random_selection else None,
+                                     later_stages=config.later_stages(stage))
             log["cpp"] = [r.as_dict() for r in reports]
-            print_cpp(reports, objective, config.objectives[stage], config.tau[stage - 1])
+            successor = config.objectives[stage] if stage < model.num_stages else "a later objective (reserved)"
+            print_cpp(reports, objective, successor, config.cpp_after(stage))
             checkpoints.save_stage(model, out_dir, stage, config, log, pruned)
-    if stage < model.num_stages and config.recovery:
+    if config.cpp_after(stage) is not None and config.recovery:
         print(f"  accuracy recovery on {config.recovery_fraction:.0%} of the {objective} data", flush=True)
         log["recovery"] = fit_objective(model, train, objective, items, validation, config,
                                         config.recovery_max_epochs, config.recovery_fraction, verbose,
