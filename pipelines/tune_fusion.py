@@ -66,8 +66,7 @@ def main(argv=None) -> dict:
     try:
         search = search_fusion_weights(vectors, data.validation, target, args.steps)
     except NoFeasiblePointError as error:
-        (run_dir / "fusion_search.json").write_text(json.dumps(error.search.to_json() | {"chosen_weights": None},
-                                                               indent=2))
+        (run_dir / "fusion_search.json").write_text(json.dumps(error.search.to_json(), indent=2))
         raise SystemExit(str(error)) from None
     except ValueError as error:
         raise SystemExit(str(error)) from None

@@ -9,7 +9,8 @@ import tensorflow as tf
 from csmf_tf.data.features import ITEM_ID, USER_ID
 from csmf_tf.data.prepared import prepare
 from csmf_tf.data.synthetic import generate_cascade
-from csmf_tf.metrics.fusion_search import parse_target, search_fusion_weights, simplex_grid
+from csmf_tf.metrics.fusion_search import (NoFeasiblePointError, parse_target, search_fusion_weights,
+                                           simplex_grid)
 from csmf_tf.metrics.retrieval import evaluate_retrieval
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.scoring import fused_query, stage_queries
@@ -141,6 +142,15 @@ def test_bad_targets_are_refused_with_the_expected_syntax(run):
     target = parse_target(" 2 * click/ndcg@20+conversion/recall@50 ", ["exposure/recall@50 >= 0.3"])
     assert target.ks == (20, 50) and target.keys == ("click/ndcg@20", "conversion/recall@50", "exposure/recall@50")
     assert target.value({"click/ndcg@20": 0.5, "conversion/recall@50": 0.25}) == 1.25
+
+
+def test_no_feasible_point_is_an_error_that_keeps_every_point(run, data):
+    target = parse_target("conversion/recall@50", ["exposure/recall@50>=1.5*stage"], run.model.objectives)
+    with pytest.raises(NoFeasiblePointError, match="no point of the 6-point grid meets the constraints") as caught:
+        search_fusion_weights(scoring_vectors(run, data.validation), data.validation, target, steps=2)
+    record = caught.value.search.to_json()
+    assert record["chosen_weights"] is None and len(record["points"]) == 6
+    assert not any(point["feasible"] for point in record["points"])
 
 
 def test_load_run_refuses_other_data(run, tmp_path):

@@ -143,7 +143,8 @@ def simplex_grid(num_objectives: int, steps: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class FusionSearch:
-    """Every searched point: its weights, the fused metrics the target reads, value and feasibility."""
+    """Every searched point: its weights, the fused metrics the target reads, value and feasibility
+    (``chosen``: the best feasible point's index, -1 when none is feasible)."""
 
     target: FusionTarget
     objectives: tuple[str, ...]
@@ -156,13 +157,15 @@ class FusionSearch:
     chosen: int                         # index of the best feasible point
 
     @property
-    def chosen_weights(self) -> tuple[float, ...]:
-        return tuple(float(k) for k in self.weights[self.chosen])
+    def chosen_weights(self) -> tuple[float, ...] | None:
+        return tuple(float(k) for k in self.weights[self.chosen]) if self.chosen >= 0 else None
 
     def to_json(self) -> dict:
+        found = self.chosen >= 0
         return {"target": self.target.describe(), "objectives": list(self.objectives),
-                "chosen_weights": list(self.chosen_weights), "chosen_value": float(self.values[self.chosen]),
-                "chosen_metrics": self.fused[self.chosen], "stage_metrics": self.stage,
+                "chosen_weights": list(self.chosen_weights) if found else None,
+                "chosen_value": float(self.values[self.chosen]) if found else None,
+                "chosen_metrics": self.fused[self.chosen] if found else None, "stage_metrics": self.stage,
                 "constraint_thresholds": self.thresholds,
                 "points": [{"weights": [float(k) for k in w], "value": float(v), "feasible": bool(f), "metrics": m}
                            for w, v, f, m in zip(self.weights, self.values, self.feasible, self.fused)]}
