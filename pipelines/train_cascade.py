@@ -17,6 +17,7 @@ bundle (bundle/: `python -m pipelines.export --bundle runs/<name>/bundle`).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from pipelines.common import (add_data_arguments, add_output_arguments, add_streaming_arguments, check_objectives,
@@ -27,6 +28,7 @@ import tensorflow as tf
 from csmf_tf.data.prepared import prepare, prepare_streaming
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.metrics.retrieval import format_results_table
+from csmf_tf.training import parameter_servers
 from csmf_tf.training.extend import extend_csmf
 from csmf_tf.training.run import train_csmf
 from csmf_tf.training.stages import TrainingConfig
@@ -121,6 +123,16 @@ def main(argv=None) -> None:
     parser.add_argument("--multi-worker", action="store_true",
                         help="tf.distribute.MultiWorkerMirroredStrategy configured by TF_CONFIG; the chief "
                              "writes to --out, worker i to --out/.worker_<i>")
+    parser.add_argument("--parameter-servers", action="store_true",
+                        help="tf.distribute.ParameterServerStrategy configured by TF_CONFIG (ps, worker and chief "
+                             "tasks, the same command on every task): ps and worker tasks serve, the chief trains, "
+                             "with embedding tables sharded row-wise over the ps tasks, and writes --out")
+    parser.add_argument("--ps-min-shard-bytes", type=int, default=parameter_servers.DEFAULT_MIN_SHARD_BYTES,
+                        help="with --parameter-servers: variables of at least this size are split into shards of "
+                             "at least this size (default 256 KiB, TensorFlow's MinSizePartitioner default)")
+    parser.add_argument("--ps-max-shards", type=int,
+                        help="with --parameter-servers: at most this many shards per variable (default: one per "
+                             "ps task)")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs under <out>/tensorboard")
     extend = parser.add_argument_group("adding an objective to a trained run")
     extend.add_argument("--extend-from", metavar="RUN",
@@ -132,11 +144,24 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if bool(args.extend_from) != bool(args.add_objective):
         parser.error("--extend-from and --add-objective go together")
-    if args.extend_from and (args.multi_worker or args.stage or args.train_tfrecords):
-        parser.error("--extend-from trains in memory on one worker: without --multi-worker, --stage or "
-                     "--train-tfrecords")
+    if args.extend_from and (args.multi_worker or args.parameter_servers or args.stage or args.train_tfrecords):
+        parser.error("--extend-from trains in memory on one worker: without --multi-worker, --parameter-servers, "
+                     "--stage or --train-tfrecords")
+    if args.parameter_servers and (args.multi_worker or args.train_tfrecords):
+        parser.error("--parameter-servers trains from in-memory rows with its own strategy: without --multi-worker "
+                     "or --train-tfrecords")
     verbose = configure_output(args.verbose)
     strategy, out = None, Path(args.out)
+    if args.parameter_servers:
+        try:
+            resolver = parameter_servers.cluster_resolver()
+            if resolver.task_type in parameter_servers.SERVER_TASKS:
+                parameter_servers.serve_task(resolver)  # a ps or worker task serves until it is stopped
+                return
+            strategy = parameter_servers.parameter_server_strategy(resolver, args.ps_min_shard_bytes,
+                                                                   args.ps_max_shards)
+        except ValueError as error:
+            parser.error(f"--parameter-servers: {error}")
     if args.multi_worker:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other TF work
         out = worker_out_dir(out, strategy.cluster_resolver)
@@ -160,6 +185,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"--extend-from {args.extend_from}: {error}") from None
     else:
         run = train_csmf(data, config, out, args.stage, verbose=verbose, strategy=strategy, tensorboard_dir=board)
+    if args.parameter_servers:
+        path = parameter_servers.write_placement(run.model, out)
+        sharded = sum(v["partitioned"] for v in json.loads(path.read_text()).values())
+        print(f"{sharded} masked-layer variables sharded over the parameter servers (placement: {path})")
     results = run.results
     rows = {"CSMF (s_t)": results["stage"], **({"CSMF fused": results["fused"]} if "fused" in results else {})}
     print(format_results_table(rows, objectives=run.model.objectives))

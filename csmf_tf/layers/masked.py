@@ -30,19 +30,26 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude as Wrapper
 
+from csmf_tf.layers import sharding
 from csmf_tf.masks import ownership
 
 keras = tf.keras
 
 
 @tf.custom_gradient
-def gradient_masked(value: tf.Tensor, mask: tf.Tensor):
-    """Identity in the forward pass; the backward pass multiplies the gradient by ``mask``."""
-
+def _masked_identity(value: tf.Tensor, mask: tf.Tensor):
     def grad(upstream):
         return upstream * mask, tf.zeros_like(mask)
 
     return tf.identity(value), grad
+
+
+def gradient_masked(value: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Identity in the forward pass; the backward pass multiplies the gradient by ``mask``.
+
+    A partitioned variable (parameter servers, :mod:`~csmf_tf.layers.sharding`) is read as one tensor
+    first: ``tf.custom_gradient`` takes no ``ShardedVariable``."""
+    return _masked_identity(*(tf.convert_to_tensor(x) if sharding.is_partitioned(x) else x for x in (value, mask)))
 
 
 @keras.utils.register_keras_serializable(package="csmf_tf")

@@ -111,14 +111,16 @@ class EarlyStoppingFromStart(tf.keras.callbacks.EarlyStopping):
 
 def fit_until_best(model: tf.keras.Model, dataset: tf.data.Dataset, score: ValidationRecall,
                    learning_rate: float, max_epochs: int, patience: int, start_is_candidate: bool = True,
-                   backup_dir: Path | None = None, verbose: int = 0, tensorboard_dir: Path | None = None) -> dict:
+                   backup_dir: Path | None = None, verbose: int = 0, tensorboard_dir: Path | None = None,
+                   steps_per_epoch: int | None = None) -> dict:
     """Fit with a fresh Adam (zero moments: a weight whose gradient is always zero never moves) until
     ``score`` has not improved for ``patience`` epochs; restore the best weights (see the module
     docstring). With ``backup_dir``, Keras ``BackupAndRestore`` saves every epoch there, so a killed
     fit resumes at its last epoch. ``UpdatePruningStep`` is required by the tfmot wrappers. With
     ``tensorboard_dir``, :class:`EpochTensorBoard` logs every epoch there (``train/`` and
     ``validation/`` runs). ``verbose``: 0 silent, 1 :class:`ValidationRecall`'s line per epoch (the
-    score prints it when its own ``verbose`` is on), 2 also Keras' progress bars."""
+    score prints it when its own ``verbose`` is on), 2 also Keras' progress bars.
+    ``steps_per_epoch``: for a repeated dataset (parameter servers: :mod:`csmf_tf.training.parameter_servers`)."""
     stopping = EarlyStoppingFromStart(score, patience, start_is_candidate)
     callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), score, stopping]
     if tensorboard_dir is not None:
@@ -128,7 +130,8 @@ def fit_until_best(model: tf.keras.Model, dataset: tf.data.Dataset, score: Valid
         mark_built(model)
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
     start = time.time()
-    model.fit(dataset, epochs=max_epochs, verbose=1 if verbose >= 2 else 0, callbacks=callbacks)
+    model.fit(dataset, epochs=max_epochs, steps_per_epoch=steps_per_epoch, verbose=1 if verbose >= 2 else 0,
+              callbacks=callbacks)
     best = max(score.history + ([score.start] if score.start is not None else []))
     return {"objectives": list(score.objectives), "epochs": len(score.history), "start_val_recall@50": score.start,
             "val_recall@50": list(score.history), "best_val_recall@50": best,

@@ -20,7 +20,7 @@ from csmf_tf.data.table import Catalog, InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
 from csmf_tf.models.cascade import CascadeTwoTower
 from csmf_tf.models.towers import TowerConfig, build_tower
-from csmf_tf.training import checkpoints
+from csmf_tf.training import checkpoints, parameter_servers
 from csmf_tf.metrics.protocol import EvaluationData
 from csmf_tf.training.evaluation import current_vectors
 from csmf_tf.training.fit import ValidationRecall, fit_until_best
@@ -172,6 +172,8 @@ def build_model(config: TrainingConfig, users: Catalog, items: Catalog,
                             eta=config.eta, remove_accidental_hits=config.remove_accidental_hits,
                             candidates=candidates)
     model.per_stage_forward = config.granularity == WEIGHT
+    if parameter_servers.in_use():  # built in a ParameterServerStrategy scope: tables may be sharded
+        parameter_servers.prepare_model(model.towers)
     model.set_stage(1)
     return model
 
@@ -206,13 +208,17 @@ def fit_objective(model: CascadeTwoTower, train: InteractionTable | TFRecordSour
     1 one line per epoch, 2 also Keras' progress bars; ``tensorboard_dir``: TensorBoard logs of the
     fit (None: none); ``phase``: a word for the epoch lines (e.g. ``"recovery"``).
     """
-    dataset = objective_dataset(train, objective, items, config, model.stage, fraction)
+    stage = model.stage
+    dataset, steps = objective_dataset(train, objective, items, config, stage, fraction), None
+    if parameter_servers.in_use():  # every worker builds and reads its own copy of the batches
+        dataset, steps = parameter_servers.per_worker_input(
+            lambda: objective_dataset(train, objective, items, config, stage, fraction), dataset)
     label = f"stage {model.stage}/{model.num_stages} {objective}" + (f" {phase}" if phase else "")
     score = ValidationRecall(validation, (objective,), lambda m: current_vectors(m, validation, (objective,)),
                              verbose=bool(verbose), label=label)
     return fit_until_best(model, dataset, score, config.learning_rate_for(model.stage), max_epochs,
                           config.patience, config.start_is_candidate, backup_dir=backup_dir, verbose=verbose,
-                          tensorboard_dir=tensorboard_dir)
+                          tensorboard_dir=tensorboard_dir, steps_per_epoch=steps)
 
 
 def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRecordSource, items: Catalog,
