@@ -53,19 +53,6 @@ def _sharded(value: np.ndarray, rows: tuple[int, ...]) -> ShardedVariable:
     return ShardedVariable([tf.Variable(value[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
-def test_assign_rows_writes_each_shard_its_rows():
-    value = np.arange(40, dtype=np.float32).reshape(10, 4)
-    table = _sharded(value, (6, 4))
-    new = -np.ones((5, 4), np.float32)
-    sharding.assign_rows(table, 3, 8, new)  # rows 3-5 on shard 0, rows 6-7 on shard 1
-    expected = value.copy()
-    expected[3:8] = new
-    np.testing.assert_array_equal(table.numpy(), expected)
-    plain = tf.Variable(value)
-    sharding.assign_rows(plain, 3, 8, new)
-    np.testing.assert_array_equal(plain.numpy(), expected)
-
-
 @pytest.mark.parametrize("mask_rows", [(6, 4), (5, 5), None], ids=["aligned", "cut-elsewhere", "per-column"])
 def test_shardwise_masking_op_equals_weight_times_mask(mask_rows):
     rng = np.random.default_rng(0)

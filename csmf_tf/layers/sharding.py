@@ -23,8 +23,8 @@ that, and where it is done:
   ``IndexedSlices``;
 - **stage transitions** (``apply_stage``, re-initialisation of freed units, CPP) run on the
   coordinator: ``ShardedVariable.assign`` writes each shard its own slice, and the column-owned tables
-  of ``--sparse-embeddings``, read and written block by block, write every block to the shards it spans
-  (:func:`assign_rows`).
+  of ``--sparse-embeddings``, read and written block by block, write each block as a row scatter
+  (``MaskedEmbedding._write_rows``), which a ``ShardedVariable`` splits by shard.
 """
 from __future__ import annotations
 
@@ -49,14 +49,6 @@ def row_shards(variable) -> list[tuple[tf.Variable, int]]:
         shards.append((shard, offset))
         offset += int(shard.shape[0])
     return shards
-
-
-def assign_rows(variable, start: int, stop: int, value) -> None:
-    """``variable[start:stop] = value``, written to each shard the rows fall in."""
-    for shard, first in row_shards(variable):
-        low, high = max(start, first), min(stop, first + int(shard.shape[0]))
-        if low < high:
-            shard[low - first:high - first].assign(value[low - start:high - start])
 
 
 def _same_partition(a, b) -> bool:
