@@ -12,6 +12,7 @@ to --out.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -33,9 +34,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--work", default="runs/extend_study", help="checkpoints of every run (resumable)")
     parser.add_argument("--out", default="docs/results/extend", help="report.md and results.json")
+    parser.add_argument("--render", action="store_true", help="only write report.md again from <out>/results.json")
     add_output_arguments(parser)
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     started = time.time()
+    if args.render:
+        study = json.loads((Path(args.out) / "results.json").read_text())
+        report = write_extension_report(study, Path(args.out), study["command"], study["data"], study["seconds"])
+        print(report.read_text())
+        return study
     verbose = configure_output(args.verbose)
     config = config_from_args(args)
     if config.reserve_tau is not None:
