@@ -29,6 +29,7 @@ from csmf_tf.data.prepared import prepare, prepare_streaming
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.metrics.retrieval import format_results_table
 from csmf_tf.training import parameter_servers
+from csmf_tf.training.optimizers import OPTIMIZERS
 from csmf_tf.training.extend import extend_csmf
 from csmf_tf.training.run import train_csmf
 from csmf_tf.training.stages import TrainingConfig
@@ -68,6 +69,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hidden-units", default="256,128")
     group.add_argument("--fusion-weights", default="1,1,1", help="k_d,k_o,k_r for the fused ranking")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=list(OPTIMIZERS),
+                       help="adam: tf-keras Adam (every embedding row updated every step); lazy_adam: only the "
+                            "rows a batch touches (README: Training at scale)")
+    group.add_argument("--sparse-embeddings", action="store_true",
+                       help="mask looked-up embedding rows instead of rewriting whole tables each step, owners "
+                            "per column; with --optimizer lazy_adam a step costs the same at any catalogue size")
 
 
 def floats(text: str, flag: str) -> tuple[float, ...]:
@@ -101,7 +108,7 @@ def _config(args: argparse.Namespace) -> TrainingConfig:
         recovery_fraction=args.recovery_fraction, recovery_max_epochs=args.recovery_max_epochs,
         fusion_weights=floats(args.fusion_weights, "--fusion-weights"), seed=args.seed,
         popularity_prior=not args.no_popularity_prior, start_is_candidate=not args.no_start_candidate,
-        reserve_tau=args.reserve_tau)
+        optimizer=args.optimizer, sparse_embeddings=args.sparse_embeddings, reserve_tau=args.reserve_tau)
 
 
 def worker_out_dir(out: Path, resolver) -> Path:

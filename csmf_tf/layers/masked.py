@@ -20,6 +20,19 @@ asked of the layer (:meth:`_OwnedLayer.units_of`, :meth:`_OwnedLayer.weights_of`
 The stage is never a Python value here: ``call`` (and the wrapper's) reads only the mask variables,
 which :func:`apply_stage` assigns, so a traced forward or training step stays correct across stages
 without being retraced.
+
+**Row-sparse embeddings** (``wrap(layer, row_masks=True)``, ``TrainingConfig.sparse_embeddings``). tfmot's
+wrapper rewrites the whole table (``weight <- weight * mask``) on every forward pass, and the masks and
+owners above are three more tables of the same size: a step costs O(vocabulary) and the table's memory
+is four-fold. :class:`RowMaskedPruneLowMagnitude` keeps the active mask in the tfmot wrapper but
+multiplies it into the looked-up rows instead (``E[ids] * M[ids]``: the same values, an O(batch)
+cost), and a :class:`MaskedEmbedding` with ``column_owners`` stores its owners and masks per column
+(``[d]``: with unit-level ownership an embedding's units are its columns, and ``E[r, c]`` is owned by
+``s(c)``). Inactive weights are still exactly zero in the table: :func:`apply_stage` zeroes them and
+their gradient is always zero. Weight-level ownership with row masks keeps ``[V, d]`` owners and masks
+(gathered per batch row): O(batch) time, four tables of memory. With a sparse optimizer
+(:class:`~csmf_tf.training.optimizers.LazyAdam`) a training step then reads and writes only the
+batch's rows.
 """
 from __future__ import annotations
 
@@ -28,12 +41,18 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.keras import compat as tf_compat
+from tensorflow_model_optimization.python.core.keras import utils as tfmot_utils
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_impl
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude as Wrapper
 
 from csmf_tf.layers import sharding
 from csmf_tf.masks import ownership
 
 keras = tf.keras
+#: Rows per block when a column-owned table is read or rewritten whole (stage changes, CPP): the
+#: temporary memory stays one block, not one more table.
+ROW_BLOCK = 1 << 16
 
 
 @tf.custom_gradient
@@ -66,28 +85,46 @@ class NeverPrune(tfmot.sparsity.keras.PruningSchedule):
 class _OwnedLayer(keras.layers.Layer, tfmot.sparsity.keras.PrunableLayer):
     """Shared ownership variables of :class:`MaskedDense` and :class:`MaskedEmbedding`."""
 
-    def _add_ownership(self, weight_shape: tuple[int, ...], units: int) -> None:
+    def _add_ownership(self, weight_shape: tuple[int, ...], units: int, per_weight: bool = True) -> None:
+        """Owner and gradient-mask variables; ``per_weight=False``: one owner per unit (column), no
+        ``weight_owner``, and a ``[units]`` gradient mask that broadcasts over the weight's rows."""
         def add(name, shape, dtype, value):
             return self.add_weight(name=name, shape=shape, dtype=dtype, trainable=False,
                                    initializer=keras.initializers.Constant(value))
 
         # Everything starts owned by stage 1 and trainable in stage 1.
         self.unit_owner = add("unit_owner", (units,), tf.int32, 1)
-        self.weight_owner = add("weight_owner", weight_shape, tf.int32, 1)
-        self.weight_gradient_mask = add("weight_gradient_mask", weight_shape, tf.float32, 1.0)
+        if per_weight:
+            self.weight_owner = add("weight_owner", weight_shape, tf.int32, 1)
+        self.weight_gradient_mask = add("weight_gradient_mask", weight_shape if per_weight else (units,),
+                                        tf.float32, 1.0)
 
     @property
     def owned_weight(self) -> tf.Variable:
         """The weight whose entries carry owners (kernel or embedding table)."""
         raise NotImplementedError
 
+    def weight_owners(self) -> np.ndarray:
+        """``o(w)`` of every weight, broadcastable to :attr:`owned_weight` (``[units]`` when owners are
+        per column)."""
+        return self.weight_owner.numpy()
+
     def units_of(self, stage: int) -> np.ndarray:
         """Bool ``[units]``: the units ``stage`` owns (``s(j) == stage``)."""
         return ownership.owned_by(self.unit_owner.numpy(), stage)
 
     def weights_of(self, stage: int) -> np.ndarray:
-        """Bool, shaped like :attr:`owned_weight`: the weights ``stage`` owns (``o(w) == stage``)."""
-        return ownership.owned_by(self.weight_owner.numpy(), stage)
+        """Bool, broadcastable to :attr:`owned_weight`: the weights ``stage`` owns (``o(w) == stage``)."""
+        return ownership.owned_by(self.weight_owners(), stage)
+
+    def active_column_l1(self, stage: int) -> np.ndarray:
+        """``[units]``: L1 norm of each column's weights that are active in ``stage``."""
+        weight = np.abs(self.owned_weight.numpy())
+        return (weight * ownership.active_mask(self.weight_owners(), stage)).sum(axis=0)
+
+    def keep_active(self, active: np.ndarray) -> None:
+        """Zero the weights whose ``active`` entry (broadcastable to the weight) is 0."""
+        self.owned_weight.assign(self.owned_weight.numpy() * active)
 
     def get_prunable_weights(self) -> list[tf.Variable]:
         return [self.owned_weight]
@@ -145,42 +182,142 @@ class MaskedEmbedding(_OwnedLayer):
 
     Shapes: ``ids`` ``[B]`` int, ``E`` ``[input_dim, output_dim]``, ``y`` ``[B, output_dim]``.
     The gradient mask is gathered with the rows, so the update stays sparse (``IndexedSlices``).
+    ``column_owners``: owners and masks per column (``[output_dim]``) instead of per weight (unit-level
+    ownership only; see the module docstring).
     """
 
     def __init__(self, input_dim: int, output_dim: int,
-                 embeddings_initializer: str = "uniform", **kwargs):
+                 embeddings_initializer: str = "uniform", column_owners: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.input_dim = int(input_dim)
         self.output_dim = int(output_dim)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.column_owners = bool(column_owners)
 
     def build(self, input_shape):
         self.embeddings = self.add_weight(name="embeddings", shape=(self.input_dim, self.output_dim),
                                           initializer=self.embeddings_initializer)
-        self._add_ownership((self.input_dim, self.output_dim), self.output_dim)
+        self._add_ownership((self.input_dim, self.output_dim), self.output_dim,
+                            per_weight=not self.column_owners)
         super().build(input_shape)
 
     @property
     def owned_weight(self) -> tf.Variable:
         return self.embeddings
 
-    def call(self, inputs):
+    def weight_owners(self) -> np.ndarray:
+        return self.unit_owner.numpy() if self.column_owners else super().weight_owners()
+
+    def _rows(self, mask: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
+        """The rows ``ids`` of a table-shaped mask, or a per-column mask as it is (it broadcasts)."""
+        return mask if self.column_owners else tf.nn.embedding_lookup(mask, ids)
+
+    def call(self, inputs, active_mask: tf.Variable | None = None):
+        """``active_mask``: the wrapper's mask, multiplied into the rows (:class:`RowMaskedPruneLowMagnitude`)."""
         ids = tf.cast(inputs, tf.int64)
         rows = tf.nn.embedding_lookup(self.embeddings, ids)
-        return gradient_masked(rows, tf.nn.embedding_lookup(self.weight_gradient_mask, ids))
+        if active_mask is not None:
+            rows = rows * self._rows(active_mask, ids)
+        return gradient_masked(rows, self._rows(self.weight_gradient_mask, ids))
+
+    def _write_rows(self, start: int, stop: int, rows: tf.Tensor) -> None:
+        """``embeddings[start:stop] = rows`` as a scatter: plain, mirrored (multi-worker) and row-sharded
+        (parameter-server) variables all take it, where a slice assignment works only on the first."""
+        self.embeddings.scatter_update(tf.IndexedSlices(rows, tf.range(start, stop, dtype=tf.int64)))
+
+    def _row_blocks(self):
+        for start in range(0, self.input_dim, ROW_BLOCK):
+            yield start, min(start + ROW_BLOCK, self.input_dim)
+
+    def active_column_l1(self, stage: int) -> np.ndarray:
+        if not self.column_owners:
+            return super().active_column_l1(stage)
+        total = np.zeros(self.output_dim, np.float64)
+        for start, stop in self._row_blocks():
+            total += tf.reduce_sum(tf.abs(self.embeddings[start:stop]), axis=0).numpy()
+        return (total * ownership.active_mask(self.unit_owner.numpy(), stage)).astype(np.float32)
+
+    def keep_active(self, active: np.ndarray) -> None:
+        if not self.column_owners:
+            return super().keep_active(active)
+        if active.all():
+            return
+        for start, stop in self._row_blocks():
+            self._write_rows(start, stop, self.embeddings[start:stop] * active)
+
+    def reinitialise_columns(self, columns: np.ndarray, seed: int) -> None:
+        """Column-owned table: fresh initial values in ``columns`` (bool ``[output_dim]``), drawn per
+        block of rows (seed ``seed + block``), so no second table is ever held."""
+        if not columns.any():
+            return
+        config = self.embeddings_initializer.get_config()
+        for block, (start, stop) in enumerate(self._row_blocks()):
+            fresh = self.embeddings_initializer.__class__.from_config({**config, "seed": seed + block})(
+                (stop - start, self.output_dim), dtype=self.embeddings.dtype)
+            self._write_rows(start, stop, tf.where(columns, fresh, self.embeddings[start:stop]))
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim,
-                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer)}
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+                "column_owners": self.column_owners}
+
+
+@keras.utils.register_keras_serializable(package="csmf_tf")
+class RowMaskedPruneLowMagnitude(Wrapper):
+    """tfmot's pruning wrapper for a :class:`MaskedEmbedding` that masks the looked-up rows.
+
+    The active mask is the wrapper's ``mask`` variable as in :class:`PruneLowMagnitude` (``pruning_vars``,
+    ``UpdatePruningStep``, ``PruningSummaries`` and folding see it as usual), shaped like the layer's
+    gradient mask (``[d]`` for column owners). ``call`` multiplies it into the rows the batch looks up
+    instead of rewriting the whole table, and skips tfmot's mask update (the schedule is
+    :class:`NeverPrune`: CSMF assigns masks itself). ``UpdatePruningStep`` still re-masks the whole table
+    once per epoch (``weight_mask_op``), which is a no-op on a correctly masked table.
+    """
+
+    def build(self, input_shape):
+        keras.layers.Wrapper.build(self, input_shape)   # builds the embedding layer
+        weight = self.layer.embeddings
+        self.prunable_weights = [weight]
+        mask = self.add_weight("mask", shape=self.layer.weight_gradient_mask.shape, initializer="ones",
+                               dtype=weight.dtype, trainable=False, aggregation=tf.VariableAggregation.MEAN)
+        threshold = self.add_weight("threshold", shape=[], initializer="zeros", dtype=weight.dtype,
+                                    trainable=False, aggregation=tf.VariableAggregation.MEAN)
+        self.pruning_vars = [(weight, mask, threshold)]
+        self.pruning_step = self.add_weight("pruning_step", shape=[], dtype=tf.int64, trainable=False,
+                                            initializer=keras.initializers.Constant(-1))
+        self.pruning_obj = pruning_impl.Pruning(
+            training_step_fn=lambda: self.pruning_step, pruning_vars=self.pruning_vars,
+            pruning_schedule=self.pruning_schedule, block_size=self.block_size,
+            sparsity_m_by_n=self.sparsity_m_by_n, block_pooling_type=self.block_pooling_type)
+
+    def call(self, inputs, training=None):
+        if training is None:
+            training = keras.backend.learning_phase()
+
+        def increment_step():
+            with tf.control_dependencies([tf_compat.assign(self.pruning_step, self.pruning_step + 1)]):
+                return tf.no_op("update")
+
+        # tfmot's step counter, kept exactly as PruneLowMagnitude keeps it (PruningSummaries logs against it).
+        self.add_update(tfmot_utils.smart_cond(training, increment_step, lambda: tf.no_op("no_update")))
+        return self.layer.call(inputs, active_mask=wrapper_mask(self))
 
 
 MaskedLayer = MaskedDense | MaskedEmbedding
 
 
-def wrap(layer: MaskedLayer) -> Wrapper:
-    """Wrap a masked layer in tfmot's pruning wrapper with a schedule that never prunes."""
-    return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=NeverPrune(),
-                                                    name=f"prune_{layer.name}")
+def wrap(layer: MaskedLayer, row_masks: bool = False) -> Wrapper:
+    """Wrap a masked layer in tfmot's pruning wrapper with a schedule that never prunes.
+
+    ``row_masks`` (embeddings only): :class:`RowMaskedPruneLowMagnitude`, whose mask multiplies the
+    looked-up rows instead of the whole table (see the module docstring).
+    """
+    if not row_masks:
+        return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=NeverPrune(),
+                                                        name=f"prune_{layer.name}")
+    if not isinstance(layer, MaskedEmbedding):
+        raise ValueError(f"row masks apply to embedding lookups; {layer.name} is a {type(layer).__name__}")
+    return RowMaskedPruneLowMagnitude(layer, pruning_schedule=NeverPrune(), name=f"prune_{layer.name}")
 
 
 def wrapper_mask(wrapper: Wrapper) -> tf.Variable:
@@ -196,11 +333,11 @@ def apply_stage(wrapper: Wrapper, stage: int) -> None:
     outputs exactly ``act(0)``.
     """
     layer: MaskedLayer = wrapper.layer
-    owner = layer.weight_owner.numpy()
+    owner = layer.weight_owners()
     active = ownership.active_mask(owner, stage)
     wrapper_mask(wrapper).assign(active)
     layer.weight_gradient_mask.assign(ownership.trainable_mask(owner, stage))
-    layer.owned_weight.assign(layer.owned_weight.numpy() * active)
+    layer.keep_active(active)
     if isinstance(layer, MaskedDense):
         unit_owner = layer.unit_owner.numpy()
         layer.bias_gradient_mask.assign(ownership.trainable_mask(unit_owner, stage))
@@ -210,6 +347,9 @@ def apply_stage(wrapper: Wrapper, stage: int) -> None:
 def reinitialise_stage_units(wrapper: Wrapper, stage: int, seed: int) -> None:
     """Fresh initial values for the weights owned by ``stage`` (called when that stage begins)."""
     layer: MaskedLayer = wrapper.layer
+    if isinstance(layer, MaskedEmbedding) and layer.column_owners:
+        layer.reinitialise_columns(layer.units_of(stage), seed)
+        return
     weight = layer.owned_weight
     initializer = (layer.kernel_initializer if isinstance(layer, MaskedDense)
                    else layer.embeddings_initializer)

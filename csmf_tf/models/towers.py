@@ -74,6 +74,8 @@ class MaskedTower:
         """Unit level: set every weight owner from the unit owners (``o(W[i,j]) = s(j)`` if allowed)."""
         for wrapper in self.embeddings:
             layer = wrapper.layer
+            if layer.column_owners:  # its owners are the unit owners
+                continue
             layer.weight_owner.assign(
                 ownership.embedding_weight_owner(layer.unit_owner.numpy(), layer.input_dim))
         for index, wrapper in enumerate(self.dense):
@@ -94,10 +96,14 @@ def _vocabulary(values: np.ndarray) -> list[str]:
 
 
 def build_tower(name: str, id_key: str, catalog: Catalog, feature_kinds: Mapping[str, str],
-                config: TowerConfig, seed: int = 0) -> MaskedTower:
+                config: TowerConfig, seed: int = 0, sparse_embeddings: bool = False,
+                weight_level: bool = False) -> MaskedTower:
     """Build a masked tower for the entities of ``catalog`` (vocabularies and statistics from it).
 
     Unknown ids and categories at serving time go to one out-of-vocabulary bucket (index 0).
+    ``sparse_embeddings``: the embeddings are row-masked (:class:`~csmf_tf.layers.masked.RowMaskedPruneLowMagnitude`)
+    with owners per column, or per weight when ``weight_level`` (weight-level CPP gives every weight its
+    own owner); a training step then costs O(batch), not O(vocabulary), in the embedding tables.
     """
     inputs: dict[str, keras.Input] = {id_key: keras.Input(shape=(), dtype=tf.string, name=id_key)}
     embeddings, parts = [], []
@@ -107,7 +113,8 @@ def build_tower(name: str, id_key: str, catalog: Catalog, feature_kinds: Mapping
         index = string_lookup(vocabulary, name=f"{name}_{key}_lookup")(inputs[key])
         wrapper = masked.wrap(masked.MaskedEmbedding(
             len(vocabulary) + 1, dim, embeddings_initializer=keras.initializers.RandomUniform(
-                -0.05, 0.05, seed=seed + len(embeddings)), name=f"{name}_{key}_embedding"))
+                -0.05, 0.05, seed=seed + len(embeddings)), name=f"{name}_{key}_embedding",
+            column_owners=sparse_embeddings and not weight_level), row_masks=sparse_embeddings)
         embeddings.append(wrapper)
         parts.append(wrapper(index))
 

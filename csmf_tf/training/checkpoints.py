@@ -90,6 +90,8 @@ def completed_stages(out_dir: Path | str) -> list[int]:
 def check_same_config(out_dir: Path | str, stage: int, config) -> None:
     """Refuse to resume a run whose recorded configuration differs from ``config``."""
     recorded = json.loads((stage_dir(out_dir, stage) / "config.json").read_text())
+    # Read back through the config class: a field added since the run was recorded takes its default.
+    recorded = json.loads(json.dumps(type(config).from_json(recorded).to_json()))
     current = json.loads(json.dumps(config.to_json()))
     if recorded != current:
         changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))

@@ -26,6 +26,7 @@ import tensorflow_model_optimization as tfmot
 
 from csmf_tf.metrics.protocol import EvaluationData
 from csmf_tf.metrics.vectors import ScoringVectors, evaluate_vectors, mean_metric
+from csmf_tf.training.optimizers import ADAM, make_optimizer
 
 VALIDATION_K = 50
 Vectorise = Callable[[tf.keras.Model], ScoringVectors]
@@ -112,14 +113,15 @@ class EarlyStoppingFromStart(tf.keras.callbacks.EarlyStopping):
 def fit_until_best(model: tf.keras.Model, dataset: tf.data.Dataset, score: ValidationRecall,
                    learning_rate: float, max_epochs: int, patience: int, start_is_candidate: bool = True,
                    backup_dir: Path | None = None, verbose: int = 0, tensorboard_dir: Path | None = None,
-                   steps_per_epoch: int | None = None) -> dict:
+                   optimizer: str = ADAM, steps_per_epoch: int | None = None) -> dict:
     """Fit with a fresh Adam (zero moments: a weight whose gradient is always zero never moves) until
     ``score`` has not improved for ``patience`` epochs; restore the best weights (see the module
     docstring). With ``backup_dir``, Keras ``BackupAndRestore`` saves every epoch there, so a killed
     fit resumes at its last epoch. ``UpdatePruningStep`` is required by the tfmot wrappers. With
     ``tensorboard_dir``, :class:`EpochTensorBoard` logs every epoch there (``train/`` and
     ``validation/`` runs). ``verbose``: 0 silent, 1 :class:`ValidationRecall`'s line per epoch (the
-    score prints it when its own ``verbose`` is on), 2 also Keras' progress bars.
+    score prints it when its own ``verbose`` is on), 2 also Keras' progress bars. ``optimizer``:
+    ``"adam"`` (tf-keras Adam) or ``"lazy_adam"`` (row-wise sparse Adam, :mod:`csmf_tf.training.optimizers`).
     ``steps_per_epoch``: for a repeated dataset (parameter servers: :mod:`csmf_tf.training.parameter_servers`)."""
     stopping = EarlyStoppingFromStart(score, patience, start_is_candidate)
     callbacks = [tfmot.sparsity.keras.UpdatePruningStep(), score, stopping]
@@ -128,7 +130,7 @@ def fit_until_best(model: tf.keras.Model, dataset: tf.data.Dataset, score: Valid
     if backup_dir is not None:
         callbacks.insert(0, tf.keras.callbacks.BackupAndRestore(str(backup_dir)))
         mark_built(model)
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate))
     start = time.time()
     model.fit(dataset, epochs=max_epochs, steps_per_epoch=steps_per_epoch, verbose=1 if verbose >= 2 else 0,
               callbacks=callbacks)

@@ -21,8 +21,7 @@ UNIT, WEIGHT = "unit", "weight"
 
 def unit_information(layer, stage: int) -> np.ndarray:
     """L1 norm of each unit's active incoming weights (a column of the kernel or embedding table)."""
-    weight = np.abs(layer.owned_weight.numpy())
-    return (weight * ownership.active_mask(layer.weight_owner.numpy(), stage)).sum(axis=0)
+    return layer.active_column_l1(stage)
 
 
 def _units_per_stage(owner: np.ndarray) -> dict[int, int]:

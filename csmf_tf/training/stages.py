@@ -24,6 +24,7 @@ from csmf_tf.training import checkpoints, parameter_servers
 from csmf_tf.metrics.protocol import EvaluationData
 from csmf_tf.training.evaluation import current_vectors
 from csmf_tf.training.fit import ValidationRecall, fit_until_best
+from csmf_tf.training.optimizers import ADAM, OPTIMIZERS
 from csmf_tf.training.selective_mask import UNIT, WEIGHT, selective_mask
 
 
@@ -65,6 +66,11 @@ class TrainingConfig:
     fusion_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
     # [ours] score and serve s_t + alpha_t log(1 + c_t(i)), alpha_t tuned on validation (metrics/prior.py)
     popularity_prior: bool = True
+    # Training cost at scale (README "Training at scale"): "lazy_adam" updates only the embedding rows a
+    # batch touches (training/optimizers.py); sparse_embeddings masks looked-up rows instead of rewriting
+    # whole tables (layers/masked.py). Both together: a step's cost does not grow with the catalogue.
+    optimizer: str = ADAM
+    sparse_embeddings: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +102,8 @@ class TrainingConfig:
                                  "so it cannot be extended and served either")
         if self.granularity not in (UNIT, WEIGHT):
             raise ValueError(f"granularity must be {UNIT!r} or {WEIGHT!r}, got {self.granularity!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.granularity == WEIGHT and self.eta != 0.0 and stages > 1:
             # The margin needs s_{t-1}; with weight-level ownership the output units stay stage 1's,
             # so no query mask gives s_{t-1} from the stage-t forward pass (it would need a second
@@ -166,8 +174,9 @@ def build_model(config: TrainingConfig, users: Catalog, items: Catalog,
     candidates = None
     if factorized_metrics:
         candidates = tf.data.Dataset.from_tensor_slices(dict(items.as_inputs(ITEM_ID))).batch(1024)
-    user_tower = build_tower("user", USER_ID, users, feature_kinds, config.tower, seed=config.seed)
-    item_tower = build_tower("item", ITEM_ID, items, feature_kinds, config.tower, seed=config.seed + 1)
+    sparse = {"sparse_embeddings": config.sparse_embeddings, "weight_level": config.granularity == WEIGHT}
+    user_tower = build_tower("user", USER_ID, users, feature_kinds, config.tower, seed=config.seed, **sparse)
+    item_tower = build_tower("item", ITEM_ID, items, feature_kinds, config.tower, seed=config.seed + 1, **sparse)
     model = CascadeTwoTower(user_tower, item_tower, config.objectives, temperature=config.temperature,
                             eta=config.eta, remove_accidental_hits=config.remove_accidental_hits,
                             candidates=candidates)
@@ -218,7 +227,7 @@ def fit_objective(model: CascadeTwoTower, train: InteractionTable | TFRecordSour
                              verbose=bool(verbose), label=label)
     return fit_until_best(model, dataset, score, config.learning_rate_for(model.stage), max_epochs,
                           config.patience, config.start_is_candidate, backup_dir=backup_dir, verbose=verbose,
-                          tensorboard_dir=tensorboard_dir, steps_per_epoch=steps)
+                          tensorboard_dir=tensorboard_dir, optimizer=config.optimizer, steps_per_epoch=steps)
 
 
 def run_stage(stage: int, model: CascadeTwoTower, train: InteractionTable | TFRecordSource, items: Catalog,
