@@ -1,7 +1,6 @@
 """Two real MultiWorkerMirroredStrategy workers on 127.0.0.1 train stages 1 and 2 of the cascade."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,12 @@ from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training import checkpoints
 from csmf_tf.training.stages import TrainingConfig, build_model
 from csmf_tf.data.prepared import prepare
+from csmf_tf.testing.processes import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = ["--num-users", "300", "--num-items", "200", "--num-exposures", "12000", "--data-seed", "3"]
 TRAIN = ["--output-dim", "16", "--hidden-units", "32", "--max-epochs", "3", "--recovery-max-epochs", "1",
          "--batch-size", "128", "--min-output-units", "2", "--objectives", "exposure,click"]
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _wait_all(processes, timeout):
@@ -52,7 +42,7 @@ def _command(out):
 
 
 def test_two_workers_keep_stage_one_frozen_and_match_one_worker(tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
     for index in range(2):
