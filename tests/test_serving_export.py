@@ -2,6 +2,7 @@
 import csmf_tf  # noqa: F401  (tf-keras before TensorFlow)
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -272,6 +273,20 @@ def test_versions_are_numbered_and_export_is_atomic(towers, tmp_path):
     for t in threads:
         t.join()
     assert sorted(p.name for p in results) == ["10", "9"]
+
+
+def test_dimensions_of_a_stage_without_objective_are_left_out_with_a_warning(towers, tmp_path, caplog):
+    """A stage-3 model exported for two objectives serves s_1 and s_2 without stage 3's dimensions, and
+    says so (a forgotten objective must not vanish silently)."""
+    d = towers["plain"]
+    stage_3 = int((d.owner_stage == 3).sum())
+    assert 0 < stage_3 < d.owner_stage.size
+    with caplog.at_level(logging.WARNING, logger="csmf_tf.serving.export"):
+        path = export_retrieval_model(d.user_model, d.item_model, d.item_catalog, d.owner_stage, OBJECTIVES[:2],
+                                      tmp_path, "m", use_scann=False)
+    assert f"left out {stage_3} of {d.owner_stage.size} output dimensions owned by stage 3" in caplog.text
+    config = json.loads((Path(path) / "assets" / "config.json").read_text())
+    assert config["ownership"]["reserved_dimensions_dropped"] == stage_3
 
 
 def test_export_rejects_bad_arguments(towers, tmp_path):

@@ -83,6 +83,11 @@ def build_serving_module(user_model: tf.keras.Model, item_model: tf.keras.Model,
     user_model, item_model, owner_stage = drop_reserved_dimensions(user_model, item_model, owner_stage, s)
     if owner_stage.size == 0 or owner_stage.min() < 1 or owner_stage.max() > s:
         raise ValueError(f"owner_stage values must lie in [1, {s}] (one stage per objective)")
+    if owner_stage.size < trained_dim:
+        # Said, not silent: a model with one stage more than the objectives named also lands here.
+        log.warning("left out %d of %d output dimensions owned by stage %d: no objective among %s uses them "
+                    "(a reserve for a later objective; if the model has a trained stage %d, name its "
+                    "objective too)", trained_dim - owner_stage.size, trained_dim, s + 1, list(objectives), s + 1)
     weights = np.ones(s, np.float32) if default_weights is None else np.asarray(default_weights,
                                                                                 np.float32)
     if weights.shape != (s,) or not np.all(np.isfinite(weights)):
