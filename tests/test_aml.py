@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from csmf_tf.tasks.aml import AdaptiveMarginRetrieval
+from csmf_tf.tasks.aml import AdaptiveMarginRetrieval, hit_keys
 
 
 def _batch(seed=0, b=6, d=5):
@@ -24,6 +24,16 @@ def test_eta_zero_equals_tfrs_retrieval(accidental):
     a = ours(q, c, candidate_sampling_probability=p, candidate_ids=ids, upstream_query_embeddings=up)
     b = ref(q, c, candidate_sampling_probability=p, candidate_ids=ids)
     assert float(a) == pytest.approx(float(b), rel=1e-6)
+
+
+def test_hit_keys_are_equal_exactly_where_ids_are_equal():
+    rng = np.random.default_rng(3)
+    ids = np.array([f"item{k}" for k in rng.integers(0, 40, size=300)])
+    keys = hit_keys(tf.constant(ids)).numpy()
+    assert keys.dtype.kind == "i"
+    np.testing.assert_array_equal(keys[:, None] == keys[None, :], ids[:, None] == ids[None, :])
+    integers = tf.constant([5, 3, 5], tf.int64)
+    assert hit_keys(integers) is integers
 
 
 def _reference_loss(q, c, up, temperature, margin_of_p, keep=None):

@@ -32,6 +32,7 @@ from csmf_tf.data.tfdata import make_objective_dataset
 from csmf_tf.data.features import ITEM_ID, SAMPLING_PROBABILITY, USER_ID
 from csmf_tf.models.cascade import _predict
 from csmf_tf.models.towers import MaskedTower, TowerConfig, build_tower
+from csmf_tf.tasks.aml import hit_keys
 
 keras = tf.keras
 
@@ -166,7 +167,7 @@ class MultiVectorTwoTower(tfrs.Model):
             losses.append(self.tasks[t](
                 query, candidates,
                 candidate_sampling_probability=features[prefixed(objective, SAMPLING_PROBABILITY)],
-                candidate_ids=features[prefixed(objective, ITEM_ID)], compute_metrics=False))
+                candidate_ids=hit_keys(features[prefixed(objective, ITEM_ID)]), compute_metrics=False))
         return tf.add_n(losses)
 
     def user_vectors(self, inputs: Mapping[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:

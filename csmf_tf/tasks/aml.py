@@ -28,6 +28,16 @@ MIN_LOGIT = float(np.finfo(np.float32).min / 100.0)
 MarginFn = Callable[[tf.Tensor], tf.Tensor]
 
 
+def hit_keys(candidate_ids: tf.Tensor) -> tf.Tensor:
+    """Integer keys that are equal exactly where ``candidate_ids`` are equal (``tf.unique``'s indices).
+
+    TFRS's ``RemoveAccidentalHits`` compares every query's positive id with every candidate id: on
+    string ids that is ``B x C`` string comparisons, about 40 % of a training step at batch 1024.
+    The keys give the same mask from ``B x C`` integer comparisons after one ``O(C)`` hash pass.
+    """
+    return tf.unique(candidate_ids).idx if candidate_ids.dtype == tf.string else candidate_ids
+
+
 def linear_margin(eta: float) -> MarginFn:
     """``m = eta * (1 - p_{t-1})``: small where upstream already ranks the positive high."""
     return lambda upstream_probability: eta * (1.0 - upstream_probability)
@@ -88,12 +98,13 @@ class AdaptiveMarginRetrieval(tfrs.tasks.Retrieval):
         from every query's softmax."""
         num_queries = tf.shape(query_embeddings)[0]
         labels = tf.eye(num_queries, tf.shape(candidate_embeddings)[0])
+        keys = None if candidate_ids is None else hit_keys(candidate_ids)
         margin = None
         if upstream_query_embeddings is not None and self.eta != 0.0:
             margin = self.positive_margin(upstream_query_embeddings, candidate_embeddings, labels,
-                                          candidate_sampling_probability, candidate_ids, candidate_mask)
+                                          candidate_sampling_probability, keys, candidate_mask)
         scores = self._logits(query_embeddings, candidate_embeddings, labels,
-                              candidate_sampling_probability, candidate_ids, margin, candidate_mask)
+                              candidate_sampling_probability, keys, margin, candidate_mask)
         loss = self._loss(y_true=labels, y_pred=scores, sample_weight=sample_weight)
 
         update_ops = [metric.update_state(loss) for metric in self._loss_metrics]
