@@ -7,7 +7,7 @@ Both models are id-only two-towers of the default sizes (``TowerConfig``: id emb
 256 -> 128 -> 64 on each side; ``--num-users`` users), trained on the same batches (``--batch-size``
 uniform random (user, item) pairs; stage 2 adds one uniform random hard negative per row, as CSMF's
 later stages do) with the same ``tfrs.tasks.Retrieval`` settings (temperature 0.05, accidental hits
-removed):
+removed, on integer keys from ``csmf_tf.tasks.aml.hit_keys`` in both):
 
 - **plain**: ordinary tf-keras ``StringLookup`` / ``Embedding`` / ``Dense`` layers and ``tfrs.tasks.Retrieval``;
 - **csmf**: :func:`csmf_tf.training.stages.build_model` (masked layers in tfmot wrappers). After its
@@ -68,6 +68,7 @@ def plain_two_tower(users, items, tower, temperature: float):
 
     from csmf_tf.data.features import HARD_NEGATIVE_ITEM_ID, ITEM_ID, USER_ID
     from csmf_tf.layers.lookup import string_lookup
+    from csmf_tf.tasks.aml import hit_keys
 
     def build(name: str, ids) -> tf.keras.Model:
         inputs = tf.keras.Input(shape=(), dtype=tf.string, name=name)
@@ -92,7 +93,9 @@ def plain_two_tower(users, items, tower, temperature: float):
                 candidates = tf.concat([candidates, self.item_model(features[HARD_NEGATIVE_ITEM_ID],
                                                                     training=training)], axis=0)
                 ids = tf.concat([ids, features[HARD_NEGATIVE_ITEM_ID]], axis=0)
-            return self.task(query, candidates, candidate_ids=ids, compute_metrics=False)
+            # Integer keys for the accidental-hit mask, as CSMF's task uses (csmf_tf.tasks.aml.hit_keys):
+            # like for like, so the ratio measures the masking and not the id comparison.
+            return self.task(query, candidates, candidate_ids=hit_keys(ids), compute_metrics=False)
 
     return PlainTwoTower()
 
