@@ -13,7 +13,16 @@ the same concurrencies: the transport's own ceiling on this machine, measured in
 the model server's QPS can be read as a share of what any Python gRPC front end could reach here.
 Client and servers share the machine's cores, as they would on a 2-core benchmark box.
 
+Each model run is read against the **harmonic bound** of the two ceilings at its concurrency ``c``:
+the served graph in-process at the batch the micro-batcher can form (``min(c, max_batch_size)``;
+batch 1 without batching) costs ``1/G`` seconds per query, the transport alone ``1/T``; on shared
+cores a request costs at least both, so ``QPS <= 1 / (1/G + 1/T)``. ``share_of_bound`` is the
+measured QPS over that bound (target: >= 0.9 at concurrency 32 with no errors). With
+``--profile`` the model server is sampled by ``py-spy`` during the highest concurrency level and the
+functions that took the server's time are written to the JSON (``profile``).
+
     python benchmarks/bench_grpc.py --num_items 1000000 --export_dir /tmp/bench_1m   # keeps the export
+    python benchmarks/bench_grpc.py --profile                     # + py-spy profile of the server at c=32
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -263,6 +273,71 @@ def served_recall(version_dir: Path, users: dict, k: int = 100, queries: int = 2
     return float(np.mean([len(set(s.tolist()) & set(ids[e].tolist())) / k for s, e in zip(served, exact)]))
 
 
+def ceiling_batch(concurrency: int, batching: str, max_batch_size: int) -> int:
+    """The largest batch the server can form at ``concurrency`` closed-loop clients."""
+    return min(concurrency, max_batch_size) if batching == "on" else 1
+
+
+def add_bound_shares(runs: list[dict], ceilings: list[dict], max_batch_size: int) -> None:
+    """Give every model run its harmonic bound ``1 / (1/G + 1/T)`` and ``share_of_bound`` (in place).
+
+    ``G``: the in-process graph ceiling at :func:`ceiling_batch`; ``T``: the fixed-response server's QPS
+    at the same concurrency, measured in the same run. Runs without both ceilings get ``None``.
+    """
+    graph = {c["batch"]: c["qps_ceiling"] for c in ceilings}
+    transport = {r["concurrency"]: r["qps"] for r in runs if r["server"] == FIXED}
+    for r in runs:
+        if r["server"] == FIXED:
+            continue
+        g = graph.get(ceiling_batch(r["concurrency"], r["batching"], max_batch_size))
+        t = transport.get(r["concurrency"])
+        bound = 1.0 / (1.0 / g + 1.0 / t) if g and t else None
+        r.update(graph_ceiling_qps=g, transport_qps=t, bound_qps=bound,
+                 share_of_bound=r["qps"] / bound if bound else None)
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """``py-spy record`` of process ``pid`` for ``seconds`` (raw collapsed stacks), or None without py-spy."""
+    spy = shutil.which("py-spy") or (str(Path(sys.executable).with_name("py-spy"))
+                                     if Path(sys.executable).with_name("py-spy").exists() else None)
+    if spy is None:
+        print("py-spy not found (pip install py-spy==0.4.0): no profile", flush=True)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+                             "--format", "raw", "--output", str(out), "--nonblocking", "--threads"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(raw: Path, top: int = 20) -> dict:
+    """Share of the server's samples per function: ``self`` (the frame on top of the stack) and
+    ``inclusive`` (anywhere on it) and per thread, the ``top`` of each. py-spy samples running threads
+    only (no ``--idle``), so the shares are of the server's busy time.
+
+    py-spy's raw format is one line per distinct stack: ``thread;frame;...;frame count``.
+    """
+    self_time: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        total += n
+        threads[frames[0]] = threads.get(frames[0], 0) + n
+        self_time[frames[-1]] = self_time.get(frames[-1], 0) + n
+        for frame in set(frames[1:]):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+
+    def ranked(counts: dict[str, int]) -> list[dict]:
+        return [{"function": f, "share": c / total} for f, c in sorted(counts.items(), key=lambda x: -x[1])[:top]]
+
+    return {"samples": total, "threads": ranked(threads), "self": ranked(self_time),
+            "inclusive": ranked(inclusive)} if total else {"samples": 0}
+
+
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -292,6 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_timeout_micros", type=int, default=2000)
     p.add_argument("--transport_baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also load a fixed-response gRPC server (no model) at the same concurrencies")
+    p.add_argument("--profile", action="store_true",
+                   help="sample the model server with py-spy during the highest concurrency level")
     p.add_argument("--fixed_response_server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port_file", help=argparse.SUPPRESS)
     p.add_argument("--out", default="results/bench_grpc.json")
@@ -313,15 +390,18 @@ def main(argv: list[str] | None = None) -> dict:
             model_dir = base / args.model_name
         ceilings = []
         recall = None
+        index = json.loads((exported / "assets" / "config.json").read_text()).get("index") if exported else None
         if exported:
             recall = served_recall(exported, users)
             print(f"served index recall@100 against exact search on this export: {recall:.4f}", flush=True)
-            for batch in sorted({1, 32, args.max_batch_size}):
+            batches = {ceiling_batch(c, mode, args.max_batch_size) for c in args.concurrency for mode in args.batching}
+            for batch in sorted(batches | {args.max_batch_size}):
                 ceilings.append(graph_ceiling(exported, users, batch, args.k))
                 print(f"served graph in-process, batch {batch:>3}: {ceilings[-1]['ms_per_query']:.3f} ms/query "
                       f"(ceiling {ceilings[-1]['qps_ceiling']:,.0f} QPS)", flush=True)
         runs = []
         codes = []
+        profiles: dict[str, dict] = {}
         servers = [(f"model (batching {mode})", mode, lambda mode=mode: start_server(model_dir, args, workdir, mode == "on"))
                    for mode in args.batching]
         if args.transport_baseline:
@@ -331,7 +411,13 @@ def main(argv: list[str] | None = None) -> dict:
             target = f"127.0.0.1:{port}"
             try:
                 for c in args.concurrency:
+                    spy = None
+                    if args.profile and label != FIXED and c == max(args.concurrency):
+                        spy = start_profile(proc.pid, args.warmup + args.duration, workdir / f"profile-{mode}.txt")
                     r = run_load(target, args.model_name, users, c, args.duration, args.warmup, args.k, args.timeout)
+                    if spy is not None:
+                        spy.wait(timeout=60)
+                        profiles[label] = summarise_profile(workdir / f"profile-{mode}.txt")
                     r.update(server=label, batching=mode)
                     runs.append(r)
                     print(f"{label:>30}, concurrency {c:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
@@ -345,16 +431,31 @@ def main(argv: list[str] | None = None) -> dict:
                            "load_average_at_end": os.getloadavg()[0]},
                "graph_ceiling": ceilings, "served_recall_at_100": recall,
                "model": str(exported or model_dir), "num_items": args.num_items if exported else None,
-               "index": json.loads((exported / "assets" / "config.json").read_text()).get("index") if exported else None,
+               "index": index,
                "k": args.k, "max_batch_size": args.max_batch_size,
-               "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs}
-    baseline = {r["concurrency"]: r["qps"] for r in runs if r["server"] == FIXED}
-    print("\n| server | concurrency | QPS | share of transport QPS | p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+               "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs,
+               "profile": profiles}
+    add_bound_shares(runs, ceilings, args.max_batch_size)
+    top = max(args.concurrency)
+    at_top = [r for r in runs if r["server"] != FIXED and r["concurrency"] == top]
+    results["target"] = {"concurrency": top, "min_share_of_bound": 0.9,
+                         "met": bool(at_top) and all((r["share_of_bound"] or 0) >= 0.9 and r["errors"] == 0
+                                                     for r in at_top)}
+    print("\n| server | concurrency | QPS | graph ceiling QPS | transport QPS | harmonic bound | share of bound "
+          "| p50 ms | p90 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        share = f"{r['qps'] / baseline[r['concurrency']]:.2f}" if r["concurrency"] in baseline else "n/a"
-        print(f"| {r['server']} | {r['concurrency']} | {r['qps']:.1f} | {share} | {_ms(r['p50_ms'])} "
-              f"| {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |")
+        def fmt(v, spec=".1f"):
+            return "n/a" if v is None else format(v, spec)
+        print(f"| {r['server']} | {r['concurrency']} | {r['qps']:.1f} | {fmt(r.get('graph_ceiling_qps'))} "
+              f"| {fmt(r.get('transport_qps'))} | {fmt(r.get('bound_qps'))} | {fmt(r.get('share_of_bound'), '.2f')} "
+              f"| {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |")
+    print(f"target (share of bound >= 0.9 at concurrency {top}, no errors): "
+          f"{'met' if results['target']['met'] else 'NOT met'}")
+    for label, prof in profiles.items():
+        print(f"\nserver profile [{label}] at concurrency {top} ({prof.get('samples', 0)} samples), self time:")
+        for row in prof.get("self", [])[:12]:
+            print(f"  {row['share']:6.1%}  {row['function']}")
     print(f"server exit codes after SIGTERM: {codes}")
     write_results(results, args.out)
     return results
