@@ -44,12 +44,23 @@ def stage_vectors(model: CascadeTwoTower, data: EvaluationData, stage: int) -> t
         model.set_stage(current)
 
 
+def scoring_stage(objective: str, objectives: Sequence[str], trained: Sequence[str]) -> int:
+    """The stage that ranks ``objective`` (one of ``objectives``, in cascade order) for a model whose
+    stages are ``trained`` (a subsequence of them): its own stage when it was trained, else the last
+    trained stage before it (stage 1 when none is). A model trained on a prefix ranks the objectives
+    beyond it by ``s_S``; one trained on exposure and conversion ranks click by ``s_1``."""
+    if objective in trained:
+        return list(trained).index(objective) + 1
+    position = list(objectives).index(objective)
+    return max(1, sum(1 for o in trained if o in objectives and list(objectives).index(o) < position))
+
+
 def cascade_vectors(model: CascadeTwoTower, data: EvaluationData, objectives: Sequence[str]) -> ScoringVectors:
-    """A (CSMF or plain) cascade model: objective ``t`` is scored by stage ``min(t, S)``."""
+    """A (CSMF or plain) cascade model: each of ``objectives`` is scored by its :func:`scoring_stage`."""
     per_stage: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     queries, items = [], []
-    for index in range(len(objectives)):
-        stage = min(index + 1, model.num_stages)
+    for objective in objectives:
+        stage = scoring_stage(objective, objectives, model.objectives)
         if stage not in per_stage:
             per_stage[stage] = stage_vectors(model, data, stage)
         queries.append(per_stage[stage][0])

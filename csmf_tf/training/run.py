@@ -82,10 +82,14 @@ def score_and_save(model: CascadeTwoTower, data: PreparedData, config: TrainingC
     the objectives it already served score exactly as before).
     """
     objectives = data.table.objectives
-    # The fused score sums the trained stages; objectives beyond them (a run on a prefix of the data's
-    # objectives) are ranked by s_S and weigh 0 in the fusion.
-    weights = (tuple(config.fusion_weights) + (0.0,) * (len(objectives) - config.num_stages)
-               if config.num_stages > 1 else None)
+    # The fused score sums the trained stages; the data's other objectives (a run on a prefix or a
+    # subsequence of them) are ranked by the stage before them (scoring_stage) and weigh 0 in the fusion.
+    served = served_columns(objectives, model.objectives)
+    weights = None
+    if config.num_stages > 1:
+        weights = [0.0] * len(objectives)
+        for stage, column in enumerate(served):
+            weights[column] = config.fusion_weights[stage]
     ks = tuple(k for k in (20, 50, 100, 200) if k <= len(data.items)) or (len(data.items),)
     results = {"without_prior": evaluate_vectors(test, data.testing, weights, ks=ks)}
     prior = None
@@ -96,8 +100,7 @@ def score_and_save(model: CascadeTwoTower, data: PreparedData, config: TrainingC
         results.update(evaluate_vectors(with_prior(test, log_pop, alphas), data.testing, weights, ks=ks))
         results["prior_alphas"] = [float(a) for a in alphas]
         # The export serves the model's own stages: a single-objective model carries its objective's column.
-        stages_served = model.num_stages
-        prior = PopularityPrior(log_pop[:, :stages_served], np.float32(alphas[:stages_served]))
+        prior = PopularityPrior(log_pop[:, served], np.float32([alphas[c] for c in served]))
     else:
         results.update(results["without_prior"])
     logs = [json.loads((stage_dir(out_dir, s) / "metrics.json").read_text()) for s in completed_stages(out_dir)]
@@ -121,8 +124,9 @@ def _continue_from(pretrained: TrainedRun, model: CascadeTwoTower, data: Prepare
         raise ValueError(f"pretrained must be a single-objective run of {config.objectives[0]!r}, got "
                          f"objectives {first.objectives}")
     expected = config.single_objective(config.objectives[0]).to_json()
-    recorded = json.loads((stage_dir(pretrained.out_dir, 1) / "config.json").read_text())
-    if recorded != json.loads(json.dumps(expected)):
+    # Through from_json: a run recorded before a field existed reads it at its default, as a resume does.
+    recorded = TrainingConfig.from_json(json.loads((stage_dir(pretrained.out_dir, 1) / "config.json").read_text()))
+    if json.loads(json.dumps(recorded.to_json())) != json.loads(json.dumps(expected)):
         raise ValueError("pretrained was trained with other settings than this configuration's stage 1")
     model.user_model.set_weights(first.user_model.get_weights())
     model.item_model.set_weights(first.item_model.get_weights())
@@ -154,9 +158,9 @@ def load_run(run_dir: Path, data: PreparedData) -> TrainedRun:
     results = json.loads((run_dir / "results.json").read_text())
     prior = None
     if config.popularity_prior:
-        served = model.num_stages
-        prior = PopularityPrior(training_log_popularity(data, data.table.objectives)[:, :served],
-                                np.float32(results["prior_alphas"][:served]))
+        served = served_columns(data.table.objectives, model.objectives)
+        prior = PopularityPrior(training_log_popularity(data, data.table.objectives)[:, served],
+                                np.float32([results["prior_alphas"][c] for c in served]))
     return TrainedRun(model, logs, results, prior, run_dir)
 
 
@@ -167,6 +171,14 @@ def scoring_vectors(run: TrainedRun, data: EvaluationData) -> ScoringVectors:
     if run.prior is None:
         return vectors
     return with_prior(vectors, run.prior.log_popularity, run.prior.alphas)
+
+
+def served_columns(objectives: Sequence[str], trained: Sequence[str]) -> list[int]:
+    """The columns of the data's ``objectives`` that a model's stages ``trained`` serve, in stage order."""
+    missing = [o for o in trained if o not in objectives]
+    if missing:
+        raise ValueError(f"the model's objectives {missing} are not among the data's {list(objectives)}")
+    return [list(objectives).index(o) for o in trained]
 
 
 def training_log_popularity(data: PreparedData, objectives: Sequence[str]) -> np.ndarray:
