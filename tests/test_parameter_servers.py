@@ -266,6 +266,43 @@ def _check_run(out: Path, results: dict, reference: dict, data) -> None:
                                                                             reference["stage"][key])
 
 
+#: A coordinator that builds a tower's id lookup (``csmf_tf.layers.lookup``) in the strategy's scope, as
+#: the towers do, and looks its ids up on the workers (which hold their own copies of the table).
+LOOKUP_COORDINATOR = """
+import json, sys
+import tensorflow as tf
+from csmf_tf.layers.lookup import string_lookup
+from csmf_tf.training import parameter_servers
+strategy = parameter_servers.parameter_server_strategy(parameter_servers.cluster_resolver())
+coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+ids = sys.argv[1].split(",")
+with strategy.scope():
+    lookup = string_lookup(ids, "item_id_lookup")
+rows = tf.function(lambda: lookup(tf.constant(ids)))
+print("ROWS", json.dumps([r.fetch().tolist() for r in [coordinator.schedule(rows) for _ in range(8)]]))
+"""
+
+
+def test_parameter_server_coordinators_one_after_another_keep_their_own_lookup_tables(cluster, workdir):
+    """Workers outlive a coordinator (a resumed run, the next job, the tests below). TensorFlow named an
+    eager table after a counter of the coordinator process, so the next coordinator, counting the same
+    way, met the previous one's tables on the workers: "Table was already initialized with different
+    data" (it also hit tables rebuilt after a worker loss). The strategy's tables are anonymous now."""
+    cluster.wait_serving()
+    for n, ids in enumerate((["a", "b", "c"], ["w", "x", "y", "z"])):
+        log = workdir / f"lookup_{n}.log"
+        process = _start([sys.executable, "-c", LOOKUP_COORDINATOR, ",".join(ids)], log,
+                         {"type": "chief", "index": 0}, cluster.spec)
+        try:
+            process.wait(STARTUP_S)
+        finally:
+            process.kill()
+            process.wait()
+        assert process.returncode == 0, _log(process)[-3000:]
+        rows = json.loads(re.search(r"^ROWS (.*)$", _log(process), re.M).group(1))
+        assert rows == [list(range(1, len(ids) + 1))] * 8, rows  # row 0 is the OOV bucket
+
+
 def test_parameter_server_cluster_shards_tables_and_keeps_stage_one_frozen(cluster, reference, data, workdir):
     cluster.wait_serving()
     out = workdir / "cluster"
@@ -283,10 +320,6 @@ def test_parameter_server_cluster_shards_tables_and_keeps_stage_one_frozen(clust
     _check_run(out, results, reference(), data)
 
 
-#: The error of the known intermittent failure of a run that loses a worker (see the test below).
-KNOWN_RESOURCE_REBUILD_BUG = "Table was already initialized with different data"
-
-
 def test_parameter_server_run_survives_a_killed_worker(cluster, reference, data, workdir):
     cluster.ensure_running()
     out = workdir / "killed"
@@ -300,15 +333,6 @@ def test_parameter_server_run_survives_a_killed_worker(cluster, reference, data,
     worker = cluster.tasks["worker", 1]
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
-    try:
-        coordinator.wait(RUN_S)
-    except subprocess.TimeoutExpired:
-        pass                                  # _finished reports it
-    if coordinator.returncode and KNOWN_RESOURCE_REBUILD_BUG in _log(coordinator):
-        # Known, intermittent (1 of the 4 runs that killed a worker on 2026-12-02): after the loss the coordinator
-        # re-runs a per-worker dataset's resource closure on the surviving worker, whose lookup table
-        # was already built with another stage's data. Reported in the README; any other failure fails.
-        pytest.xfail(f"known intermittent bug after a worker loss: {KNOWN_RESOURCE_REBUILD_BUG}")
     results = _finished(coordinator, out)
     # The coordinator saw the worker fail and gave its steps to the other worker.
     assert "Worker /job:worker/replica:0/task:1 failed" in _log(coordinator)

@@ -19,7 +19,13 @@ one ``chief`` (the coordinator) runs the stage loop. Every task runs the same co
 - **a lost worker**: ``ClusterCoordinator`` puts the training steps a failed worker was running back
   in its queue and the other workers run them, so the fit goes on; a worker that comes back (same
   address) is used again. A lost parameter server or chief is not recoverable by the strategy: run
-  the command again and the run resumes from its stage checkpoints and epoch backups.
+  the command again and the run resumes from its stage checkpoints and epoch backups;
+- **lookup tables without shared names**: the towers' ``StringLookup`` tables are copied onto every
+  worker, and rebuilt there after a worker failure. TensorFlow names an eager table after a counter
+  of the coordinator process, so a later coordinator on the same (long-lived) workers, or a rebuild
+  after a loss, met a table of that name from an earlier run holding other ids ("Table was already
+  initialized with different data"). Under this strategy every ``StaticHashTable`` is anonymous
+  (:func:`anonymous_lookup_tables`): each copy is its own resource, freed with its handle.
 
 Training is asynchronous (each worker applies its own steps), so a run is not bit-identical to
 another; frozen parameters are, since their gradient is exactly zero on every worker.
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import tensorflow as tf
+from tensorflow.python.framework.ops import resource_creator_scope  # no public API for it
 
 from csmf_tf.layers import masked
 from csmf_tf.layers.sharding import is_partitioned, mask_per_shard, row_shards
@@ -106,7 +113,38 @@ def parameter_server_strategy(resolver: tf.distribute.cluster_resolver.ClusterRe
         raise RuntimeError("this TensorFlow's ParameterServerStrategy places variables without the round-robin "
                            "count AlignedMinSizePartitioner aligns shards by (csmf_tf/training/parameter_servers.py)")
     partitioner.strategy = strategy
+    anonymous_lookup_tables(strategy)
     return strategy
+
+
+def _anonymous_table(next_creator, *args, **kwargs):
+    kwargs["experimental_is_anonymous"] = True
+    return next_creator(*args, **kwargs)
+
+
+def anonymous_lookup_tables(strategy: tf.distribute.ParameterServerStrategy) -> None:
+    """Make every ``tf.lookup.StaticHashTable`` created in ``strategy.scope()`` anonymous.
+
+    The strategy turns such a table (a ``StringLookup``'s) into a ``DistributedTable`` whose copy on
+    each worker a resource closure creates, again whenever the coordinator rebuilds a worker's
+    resources after a failure. A named table's name is ``str(ops.uid())``, a counter of the
+    coordinator process, and a worker's tables outlive the coordinator: a rebuild (a new number) or
+    another coordinator on the same workers (the same numbers) could name a table that an earlier
+    coordinator had filled with other ids, and its import failed with "Table was already initialized
+    with different data". An anonymous table has no name to meet: every copy is its own resource,
+    freed with its handle. Our creator sits under the strategy's, so the per-worker copies, which call
+    the creator below the strategy's again, are anonymous too. Lookups are unchanged.
+    """
+    extended = strategy.extended
+    strategy_scopes = extended._resource_creator_scope  # what ``strategy.scope()`` enters, one or a list
+
+    def scopes() -> list:
+        theirs = strategy_scopes()
+        # Entered first, so innermost: the strategy's table creator wraps this one.
+        return [resource_creator_scope("StaticHashTable", _anonymous_table),
+                *(theirs if isinstance(theirs, list) else [theirs] if theirs is not None else [])]
+
+    extended._resource_creator_scope = scopes
 
 
 def in_use() -> bool:
