@@ -5,7 +5,8 @@ on them (row writes, the per-shard masking op, gradient masks, column-owned stag
 ``test_parameter_server_*`` tests start a real ``ParameterServerStrategy`` cluster on 127.0.0.1: two
 parameter servers and two workers are ``python -m pipelines.train_cascade --parameter-servers``
 processes with their own ``TF_CONFIG`` (the command a real deployment runs on every task), and the
-coordinator is the same command as the chief. One cluster serves both (a coordinator per run); a
+coordinator is the same command as the chief. One cluster serves them all, one coordinator after
+another as on long-lived workers (two small lookup coordinators, then a training run per test); a
 single-process run of the same command is the reference.
 """
 import json
