@@ -1,19 +1,37 @@
-"""ScaNN vs exact fused retrieval: recall@100, latency, index build time (not a test).
+"""ScaNN vs exact search on trained item vectors: recall@100 against latency, and the default per size.
 
-    python benchmarks/bench_scann.py                       # 100k and 1M items, D=64
-    python benchmarks/bench_scann.py --sizes 100000 --queries 200 --out results/bench_scann.json
+    python benchmarks/bench_scann.py --no_served            # 10^5 and 10^6, trained + generated: the sweep
+    python benchmarks/bench_scann.py --served_only          # then, with the rule updated: the served check
+    python benchmarks/bench_scann.py --sizes 100000 --corpora generated --queries 300   # quick look
 
-For every corpus size: clustered item vectors (``csmf_tf.testing.demo.benchmark_corpus``), fused
-queries ``u * w`` with random objective weights, exact top-100 as ground truth. The ScaNN index is
-built with the exporter's own layer (``ScaNNIndex``, a ``tfrs`` ScaNN layer) and its TF ops; the
-query-time knobs (leaves searched, candidates re-ranked) are swept on that one index, the cheapest
-configuration with recall@100 >= target is chosen, and then the *served graph* (the exported
-``serving_default`` function: fused query, ScaNN, exact re-scoring, per-objective scores) is built
-with it and timed against the exact (brute-force) served graph.
+Corpora (:mod:`csmf_tf.testing.embedding_corpus`):
+
+* ``trained``: the synthetic cascade at ``n`` items, CSMF's stage 1 (the exposure tower) trained through
+  the streaming path with lazy Adam and sparse embeddings, cached as ``.npz`` under ``--cache`` (first
+  run, measured on the shared 2-core machine at load 6-10: 4 min at 10^5; 31 min at 10^6, of which 4 min
+  generating and 4 epochs of about 2,900 steps until early stopping; peak RSS 4.4 GB). The vectors are
+  what an export indexes: the 64-d tower output plus the popularity-prior column; queries are the users'
+  ``[u, alpha]`` (one objective, so the fused query ``u * w`` is ``u`` up to a scale no ranking sees).
+* ``generated``: :func:`~csmf_tf.testing.embedding_corpus.embedding_corpus` at ``n`` items, fitted to the
+  trained vectors at 10^6; the profiles of all corpora are written side by side (``profile``).
+
+For every corpus: exact top-100 (``tf.matmul`` + ``top_k``) is the ground truth; TFRS
+``factorized_top_k.BruteForce`` and ScaNN are timed the same way in the same run (one ``tf.function``
+each; single queries: p50/p99 over ``--single_repeats`` calls; batched: ms per query at ``--batch``).
+ScaNN indexes are the exporter's layer (``ScaNNIndex``), one per ``--indexes`` entry ``m:plain`` or
+``m:spherical`` (``m * sqrt(n)`` leaves, plain or spherical k-means centres); on each, the query-time
+knobs (fraction of leaves searched, candidates re-ranked) are swept through the searcher's own op. The
+cheapest configuration with recall@100 >= ``--target_recall`` (fewest vectors scored, see
+:func:`cheapest`) on the trained corpora is what ``ScannOptions.for_catalogue`` encodes; the run checks
+that rule end to end: the *served graph* (``build_serving_module`` with no index options, i.e. the
+export's default) on the trained vectors, recall and latency against the exact served graph
+(``--served_only`` runs just that check on an earlier ``--out``, after the rule was updated from it).
+Writes JSON (``--out``) and the recall-vs-cost/latency curves as PNG (``--png``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -28,20 +46,18 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is sys.path[0] 
 import csmf_tf  # noqa: E402,F401  (tf-keras before TensorFlow)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
 from scann import scann_ops  # noqa: E402
 
 from csmf_tf.data.table import Catalog  # noqa: E402
-from csmf_tf.scoring import fusion_scales, stage_query_masks  # noqa: E402
-from csmf_tf.testing.demo import benchmark_corpus, identity_towers  # noqa: E402
+from csmf_tf.metrics.prior import PopularityPrior  # noqa: E402
 from csmf_tf.serving.export import build_serving_module  # noqa: E402
 from csmf_tf.serving.index import ScaNNIndex, ScannOptions  # noqa: E402
+from csmf_tf.testing.demo import identity_towers  # noqa: E402
+from csmf_tf.testing.embedding_corpus import (TRAINED_PROFILE, corpus_profile, default_recipe,  # noqa: E402
+                                              embedding_corpus, load_trained, train_item_vectors)
 
 K = 100
-
-
-def fused_queries(users: np.ndarray, weights: np.ndarray, owner_stage: np.ndarray) -> np.ndarray:
-    """``u * w`` with ``w = k @ M`` (csmf_tf.scoring), one weight vector per query."""
-    return (users * fusion_scales(weights, stage_query_masks(owner_stage, weights.shape[1]))).astype(np.float32)
 
 
 def exact_top_k(queries: np.ndarray, items: tf.Tensor, k: int = K, chunk: int = 64) -> np.ndarray:
@@ -81,124 +97,291 @@ def time_batched(fn: Callable[[slice], object], num_queries: int, batch: int) ->
     return (time.perf_counter() - t0) / max(n, 1) * 1e3
 
 
-def bench_size(n: int, args: argparse.Namespace) -> dict:
-    """Exact vs ScaNN (sweep, chosen configuration, served graphs) for ``n`` items."""
-    dim = args.dim
+def load_corpus(kind: str, n: int, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(items, queries, description)`` of corpus ``kind`` at ``n`` items."""
+    rng = np.random.default_rng(args.seed)
+    if kind == "trained":
+        recipe = default_recipe(n)
+        items, users = load_trained(train_item_vectors(recipe, args.cache))
+        queries = users[rng.choice(len(users), min(args.queries, len(users)), replace=False)]
+        return items, queries, {"recipe": recipe.__dict__, "num_users": int(len(users))}
+    items, queries = embedding_corpus(n, args.queries, TRAINED_PROFILE, seed=args.seed)
+    return items, queries, {"profile": TRAINED_PROFILE.__dict__}
+
+
+def parse_index(text: str) -> tuple[float, bool]:
+    """``"2:plain"`` -> ``(2.0, False)``: leaves = multiplier * sqrt(n), spherical or plain k-means centres."""
+    multiplier, _, kind = text.partition(":")
+    if kind not in ("plain", "spherical"):
+        raise argparse.ArgumentTypeError(f"an index is MULTIPLIER:plain or MULTIPLIER:spherical, got {text!r}")
+    return float(multiplier), kind == "spherical"
+
+
+def sweep_index(items: np.ndarray, q: np.ndarray, truth: np.ndarray, multiplier: float, spherical: bool,
+                args: argparse.Namespace) -> tuple[list[dict], float]:
+    """One index with ``multiplier * sqrt(n)`` leaves; every (leaf fraction, reorder) pair on its searcher."""
+    n = len(items)
+    leaves = max(1, int(round(multiplier * math.sqrt(n))))
     t0 = time.perf_counter()
-    corpus = benchmark_corpus(n, dim, args.queries, seed=args.seed)
-    q = fused_queries(corpus.users, corpus.weights, corpus.owner_stage)
-    items = tf.constant(corpus.items)
-    truth = exact_top_k(q, items)
-    print(f"\n== N={n:,} D={dim}: data + exact ground truth in {time.perf_counter() - t0:.1f}s", flush=True)
-
-    # Exact search, as the brute-force export runs it (matmul + top_k in one TF function).
-    @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32)])
-    def brute(x):
-        return tf.math.top_k(tf.matmul(x, items, transpose_b=True), K)
-
-    bf_single = time_single(lambda r: brute(q[r]), len(q), args.single_repeats)
-    bf_batched = time_batched(lambda r: brute(q[r]), len(q), args.batch)
-    print(f"brute force: single p50 {bf_single['p50_ms']:.3f} ms, batched({args.batch}) "
-          f"{bf_batched:.3f} ms/query", flush=True)
-
-    # One index with the exporter's layer; sweep the query-time knobs on its searcher.
-    leaves = max(1, int(round(math.sqrt(n))))
-    max_reorder = max(args.reorder)
-    t0 = time.perf_counter()
-    index = ScaNNIndex(k=K, num_leaves=leaves, num_leaves_to_search=max(1, leaves // 10),
-                       dimensions_per_block=args.dims_per_block, num_reordering_candidates=max_reorder,
-                       training_iterations=12, training_sample_size=min(n, 250_000), spherical=True,
+    index = ScaNNIndex(k=K, num_leaves=leaves, num_leaves_to_search=leaves, dimensions_per_block=2,
+                       num_reordering_candidates=max(args.reorder), training_iterations=12,
+                       training_sample_size=min(n, 250_000), spherical=spherical,
                        anisotropic_quantization_threshold=0.2)
-    index.index(items)
+    index.index(tf.constant(items))
     build_s = time.perf_counter() - t0
-    print(f"ScaNN index ({leaves} leaves, spherical, AH {args.dims_per_block} dims/block, "
-          f"reorder <= {max_reorder}) built in {build_s:.1f}s", flush=True)
+    kind = "spherical" if spherical else "plain"
+    print(f"  ScaNN index, {leaves} {kind} leaves ({multiplier} sqrt(n)): built in {build_s:.1f}s", flush=True)
     searcher = scann_ops.searcher_from_module(index._serialized_searcher)
-
-    sweep = []
+    rows = []
     for frac in args.leaf_fractions:
-        ls = max(1, int(math.ceil(leaves * frac)))
+        ls = min(leaves, max(1, int(math.ceil(leaves * frac))))
         for reorder in args.reorder:
+            @tf.function(input_signature=[tf.TensorSpec([None, q.shape[1]], tf.float32)])
             def search(x, ls=ls, reorder=reorder):
                 return searcher.search_batched(x, final_num_neighbors=K, pre_reorder_num_neighbors=reorder,
-                                               leaves_to_search=ls)
-            ids = np.concatenate([search(q[i:i + 256]).indices.numpy() for i in range(0, len(q), 256)])
-            row = {"leaves_to_search": ls, "leaf_fraction": frac, "reorder": reorder,
-                   "recall@100": recall(ids, truth),
-                   "single": time_single(lambda r, f=search: f(q[r]), len(q), max(50, args.single_repeats // 2)),
-                   "batched_ms_per_query": time_batched(lambda r, f=search: f(q[r]), len(q), args.batch)}
-            sweep.append(row)
-            print(f"  leaves {ls:>5} ({frac:>4.0%}) reorder {reorder:>5}: recall@100 {row['recall@100']:.4f}  "
-                  f"single p50 {row['single']['p50_ms']:.3f} ms  batched {row['batched_ms_per_query']:.3f} ms/q",
-                  flush=True)
-    ok = [r for r in sweep if r["recall@100"] >= args.target_recall]
-    chosen = min(ok, key=lambda r: r["single"]["p50_ms"]) if ok else max(sweep, key=lambda r: r["recall@100"])
-    print(f"chosen: leaves {chosen['leaves_to_search']} reorder {chosen['reorder']} "
-          f"(recall {chosen['recall@100']:.4f}{'' if ok else ', TARGET NOT MET'})", flush=True)
+                                               leaves_to_search=ls).indices
 
-    # The served graph (export's serving_default) with the chosen configuration vs the exact one.
+            ids = np.concatenate([search(q[i:i + 256]).numpy() for i in range(0, len(q), 256)])
+            row = {"num_leaves": leaves, "leaf_multiplier": multiplier, "spherical": spherical, "leaves_to_search": ls,
+                   "leaf_fraction": frac, "reorder": reorder, "recall@100": recall(ids, truth),
+                   "single": time_single(lambda r, f=search: f(q[r]), len(q), args.single_repeats),
+                   "batched_ms_per_query": time_batched(lambda r, f=search: f(q[r]), len(q), args.batch)}
+            row["vectors_scored"] = vectors_scored(row, n)
+            rows.append(row)
+            print(f"    {kind:>9} leaves {ls:>5}/{leaves} ({frac:>4.0%}) reorder {reorder:>5}: recall@100 "
+                  f"{row['recall@100']:.4f}  single p50 {row['single']['p50_ms']:.3f} ms "
+                  f"p99 {row['single']['p99_ms']:.3f}  batched {row['batched_ms_per_query']:.3f} ms/q", flush=True)
+    return rows, build_s
+
+
+def served_check(items: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> dict:
+    """The export's serving graph with its *default* index options (``ScannOptions.for_catalogue``) on the
+    trained vectors ([v, log_pop] rows, [u, alpha] queries) against the exact served graph."""
+    dim = items.shape[1] - 1
     user_model, item_model = identity_towers(dim)
-    catalog = Catalog(np.array([str(i) for i in range(n)], dtype=object), {})
-    served = {}
-    for name, use_scann in (("scann", True), ("brute_force", False)):
+    catalog = Catalog(np.array([str(i) for i in range(len(items))], dtype=object), {})
+    # The export appends log_pop to the rows and alpha * k to the queries: [v, log_pop] . [u, alpha].
+    prior = PopularityPrior(items[:, dim:].copy(), queries[:1, dim].astype(np.float32))
+    users = queries[:, :dim]
+    weights = np.ones((len(queries), 1), np.float32)
+    out = {}
+    for name, use_scann in (("scann_default", True), ("brute_force", False)):
         t0 = time.perf_counter()
-        module, config = build_serving_module(
-            user_model, item_model, catalog, corpus.owner_stage, ("exposure", "click", "conversion"),
-            k_max=K, default_k=K, use_scann=use_scann, item_vectors=corpus.items,
-            scann_options=ScannOptions(num_leaves=leaves, num_leaves_to_search=chosen["leaves_to_search"],
-                                       num_reordering_candidates=chosen["reorder"],
-                                       dimensions_per_block=args.dims_per_block))
+        module, config = build_serving_module(user_model, item_model, catalog, np.ones(dim, np.int32),
+                                              ("exposure",), k_max=K, default_k=K, use_scann=use_scann,
+                                              item_vectors=items[:, :dim], popularity_prior=prior)
         built = time.perf_counter() - t0
 
         def call(rows, module=module):
-            return module.retrieve(user_vector=tf.constant(corpus.users[rows]),
-                                   objective_weights=tf.constant(corpus.weights[rows]), k=tf.constant(K))
+            return module.retrieve(user_vector=tf.constant(users[rows]),
+                                   objective_weights=tf.constant(weights[rows]), k=tf.constant(K))
 
-        ids = np.concatenate([call(slice(i, i + 256))["item_ids"].numpy() for i in range(0, len(q), 256)])
-        ids = ids.astype(np.int64)
-        single = time_single(call, len(q), args.single_repeats)
-        batched = time_batched(call, len(q), args.batch)
-        served[name] = {"recall@100": recall(ids, truth), "single": single, "batched_ms_per_query": batched,
-                        "module_build_s": built, "index": config["index"]}
-        print(f"served graph [{name}]: recall@100 {served[name]['recall@100']:.4f}, single p50 "
-              f"{single['p50_ms']:.3f} ms, batched {batched:.3f} ms/q (build {built:.1f}s)", flush=True)
-    speedup = served["brute_force"]["single"]["p50_ms"] / served["scann"]["single"]["p50_ms"]
-    print(f"served single-query speed-up ScaNN vs exact: {speedup:.1f}x", flush=True)
-    return {"num_items": n, "dim": dim, "num_queries": len(q), "num_leaves": leaves,
-            "index_build_s": build_s, "brute_force": {"single": bf_single, "batched_ms_per_query": bf_batched},
-            "sweep": sweep, "chosen": chosen, "served": served,
-            "served_single_speedup": speedup, "target_recall": args.target_recall,
-            "target_met": bool(ok) and served["scann"]["recall@100"] >= args.target_recall and speedup >= 10}
+        ids = np.concatenate([call(slice(i, i + 256))["item_ids"].numpy() for i in range(0, len(users), 256)])
+        out[name] = {"recall@100": recall(ids.astype(np.int64), truth),
+                     "single": time_single(call, len(users), args.single_repeats),
+                     "batched_ms_per_query": time_batched(call, len(users), args.batch),
+                     "module_build_s": built, "index": config["index"]}
+        print(f"  served graph [{name}]: recall@100 {out[name]['recall@100']:.4f}, single p50 "
+              f"{out[name]['single']['p50_ms']:.3f} ms, batched {out[name]['batched_ms_per_query']:.3f} ms/q "
+              f"(build {built:.1f}s)", flush=True)
+    out["single_speedup"] = out["brute_force"]["single"]["p50_ms"] / out["scann_default"]["single"]["p50_ms"]
+    return out
+
+
+def vectors_scored(row: dict, n: int) -> int:
+    """Centroids + AH-scored points + exactly re-ranked candidates of one configuration on ``n`` items."""
+    return int(round(row["num_leaves"] + n * row["leaves_to_search"] / row["num_leaves"] + row["reorder"]))
+
+
+def cheapest(sweep: list[dict], target: float) -> dict | None:
+    """The configuration with recall@100 >= ``target`` that scores the fewest vectors: centroids
+    (``num_leaves``), AH-scored points (the searched leaves' share of the corpus) and exactly re-ranked
+    candidates; measured latency breaks ties. Vectors scored, not latency, decide: at 10^5 items a single
+    query costs 0.5-1 ms whatever the setting (call overhead), and on a loaded 2-core machine single
+    timings move by more than the differences between settings."""
+    ok = [r for r in sweep if r["recall@100"] >= target]
+    return min(ok, key=lambda r: (r["vectors_scored"], r["single"]["p50_ms"])) if ok else None
+
+
+def bench_corpus(kind: str, n: int, args: argparse.Namespace) -> dict:
+    """BruteForce and the ScaNN sweep on one corpus."""
+    t0 = time.perf_counter()
+    items, q, description = load_corpus(kind, n, args)
+    load_before = os.getloadavg()
+    items_t = tf.constant(items)
+    truth = exact_top_k(q, items_t)
+    print(f"\n== {kind} n={len(items):,} D={items.shape[1]}, {len(q)} queries: data + exact top-{K} in "
+          f"{time.perf_counter() - t0:.1f}s (load {load_before[0]:.1f})", flush=True)
+    brute = tfrs.layers.factorized_top_k.BruteForce(k=K)
+    brute.index(items_t)
+    search = tf.function(lambda x: brute(x, k=K)[1], input_signature=[tf.TensorSpec([None, q.shape[1]], tf.float32)])
+    ids = np.concatenate([search(q[i:i + 256]).numpy() for i in range(0, len(q), 256)])
+    bf = {"recall@100": recall(ids, truth), "vectors_scored": int(len(items)),
+          "single": time_single(lambda r: search(q[r]), len(q), args.single_repeats),
+          "batched_ms_per_query": time_batched(lambda r: search(q[r]), len(q), args.batch)}
+    print(f"  TFRS BruteForce: recall@100 {bf['recall@100']:.4f}, single p50 {bf['single']['p50_ms']:.3f} ms "
+          f"p99 {bf['single']['p99_ms']:.3f}, batched {bf['batched_ms_per_query']:.3f} ms/q", flush=True)
+    sweep, builds = [], {}
+    for m, spherical in args.indexes:
+        rows, builds[f"{m}:{'spherical' if spherical else 'plain'}"] = sweep_index(items, q, truth, m, spherical, args)
+        sweep += rows
+    chosen = cheapest(sweep, args.target_recall)
+    print(f"  cheapest with recall@100 >= {args.target_recall}: " + (
+        f"{chosen['leaves_to_search']}/{chosen['num_leaves']} {'spherical' if chosen['spherical'] else 'plain'} "
+        f"leaves, reorder {chosen['reorder']}, "
+        f"{chosen['single']['p50_ms']:.3f} ms" if chosen else "NONE"), flush=True)
+    result = {"corpus": kind, "nominal_items": n, "num_items": int(len(items)), "dim": int(items.shape[1]),
+              "num_queries": int(len(q)), **description, "profile": corpus_profile(items, q),
+              "brute_force": bf, "index_build_s": builds, "sweep": sweep, "chosen": chosen,
+              "for_catalogue": ScannOptions.for_catalogue(len(items)).resolve(len(items), K)}
+    if kind == "trained" and args.served:
+        result["served"] = served_check(items, q, truth, args)
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    return result
+
+
+def pareto(rows: list[dict], latency: Callable[[dict], float]) -> list[dict]:
+    """The configurations no other one beats on both recall and ``latency``, fastest first."""
+    best, out = -1.0, []
+    for r in sorted(rows, key=lambda r: (latency(r), -r["recall@100"])):
+        if r["recall@100"] > best:
+            out.append(r)
+            best = r["recall@100"]
+    return out
+
+
+def plot(results: dict, path: str | Path) -> Path:
+    """Recall@100 against vectors scored, single-query p50 and batched ms/query, one column per size; the
+    Pareto front of every corpus and index, TFRS BruteForce (which scores every vector) as a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["nominal_items"] for r in results["runs"]})
+    fig, axes = plt.subplots(3, len(sizes), figsize=(6.2 * len(sizes), 12.5), squeeze=False)
+    colours = {"trained": "#4c72b0", "generated": "#dd8452"}
+    styles = ["-", "--", ":"]
+    for col, n in enumerate(sizes):
+        for row, (label, latency) in enumerate((("vectors scored per query", lambda r: r["vectors_scored"]),
+                                                ("single query, p50 ms", lambda r: r["single"]["p50_ms"]),
+                                                ("batched, ms per query", lambda r: r["batched_ms_per_query"]))):
+            ax = axes[row, col]
+            for run in (r for r in results["runs"] if r["nominal_items"] == n):
+                c = colours.get(run["corpus"], "k")
+                kinds = sorted({(x["leaf_multiplier"], x["spherical"]) for x in run["sweep"]})
+                for s, (m, spherical) in enumerate(kinds):
+                    rows = [x for x in run["sweep"] if (x["leaf_multiplier"], x["spherical"]) == (m, spherical)]
+                    front = pareto(rows, latency)
+                    ax.plot([latency(x) for x in front], [x["recall@100"] for x in front], styles[s % 3], color=c,
+                            marker="o", ms=3, label=f"{run['corpus']} ({run['num_items']:,}): ScaNN "
+                            f"{front[0]['num_leaves']} {'spherical' if spherical else 'plain'} leaves")
+                bf = run["brute_force"]
+                ax.plot([latency(bf)], [bf["recall@100"]], "x", color=c, ms=9,
+                        label=f"{run['corpus']}: TFRS BruteForce")
+            ax.axhline(results["target_recall"], color="grey", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("recall@100 vs exact")
+            ax.set_ylim(0.0, 1.02)
+            ax.set_title(f"{n:,} items, {label.split(',')[0]}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6.5, loc="lower right")
+    fig.suptitle(f"ScaNN recall@{K} vs latency (Pareto fronts of the sweep), {results['machine']['cpus']} CPUs, "
+                 f"load {results['load_average_at_end'][0]:.1f}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run every corpus size; returns the JSON-able results."""
+    """Run every corpus at every size; returns the JSON-able results."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--corpora", nargs="+", choices=("trained", "generated"), default=["trained", "generated"])
+    p.add_argument("--cache", default="/tmp/csmf_ann_cache", help="trained-vector cache (.npz per size)")
+    p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--single_repeats", type=int, default=200)
-    p.add_argument("--leaf_fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4])
-    p.add_argument("--reorder", type=int, nargs="+", default=[1000, 2000, 4000])
-    p.add_argument("--dims_per_block", type=int, default=2)
+    p.add_argument("--single_repeats", type=int, default=100)
+    p.add_argument("--indexes", type=parse_index, nargs="+", default=[(1.0, False), (2.0, False), (1.0, True)],
+                   help="MULTIPLIER:plain|spherical: an index with MULTIPLIER * sqrt(n) leaves")
+    p.add_argument("--leaf_fractions", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.4])
+    p.add_argument("--reorder", type=int, nargs="+", default=[200, 500, 1000, 2000])
     p.add_argument("--target_recall", type=float, default=0.99)
+    p.add_argument("--no_served", dest="served", action="store_false",
+                   help="skip the served-graph check of the default options")
+    p.add_argument("--served_only", action="store_true",
+                   help="re-read --out, re-choose, and run only the served-graph check of the current defaults")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/bench_scann.json")
+    p.add_argument("--out", default="docs/results/serving/bench_scann.json")
+    p.add_argument("--png", default="docs/results/serving/bench_scann.png")
     args = p.parse_args(argv)
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "tensorflow": tf.__version__}, "k": K, "runs": [bench_size(n, args) for n in args.sizes]}
-    print("\n| items | index build s | exact single ms | ScaNN single ms | speed-up | exact batched ms/q "
-          "| ScaNN batched ms/q | recall@100 | leaves searched | reorder |")
+    if args.served_only:
+        return add_served(args)
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+                           "load_average_at_start": os.getloadavg()},
+               "k": K, "target_recall": args.target_recall, "args": vars(args), "runs": []}
+    for n in args.sizes:
+        for kind in args.corpora:
+            results["runs"].append(bench_corpus(kind, n, args))
+            write_results(results, args.out)   # partial results survive an interrupted run
+    results["load_average_at_end"] = os.getloadavg()
+    report(results, args)
+    return results
+
+
+def add_served(args: argparse.Namespace) -> dict:
+    """``--served_only``: re-read ``--out``, re-measure each corpus's profile, re-choose each sweep's
+    cheapest configuration, record what
+    ``ScannOptions.for_catalogue`` now gives, run the served-graph check on the trained corpora (the same
+    queries: same seed and count), and rewrite the JSON and the PNG."""
+    results = json.loads(Path(args.out).read_text())
+    for run in results["runs"]:
+        args.queries = run["num_queries"]
+        items, q, _ = load_corpus(run["corpus"], run["nominal_items"], args)
+        run["profile"] = corpus_profile(items, q)
+        run["brute_force"]["vectors_scored"] = run["num_items"]
+        for row in run["sweep"]:
+            row["vectors_scored"] = vectors_scored(row, run["num_items"])
+        run["chosen"] = cheapest(run["sweep"], results["target_recall"])
+        run["for_catalogue"] = ScannOptions.for_catalogue(run["num_items"]).resolve(run["num_items"], K)
+        if run["corpus"] == "trained":
+            print(f"\n== served graph, trained n={len(items):,}", flush=True)
+            before = os.getloadavg()
+            run["served"] = served_check(items, q, exact_top_k(q, tf.constant(items)), args)
+            run["served"]["load_average"] = {"before": before, "after": os.getloadavg()}
+    results["load_average_at_end"] = os.getloadavg()
+    report(results, args)
+    return results
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    """The summary table, the JSON and the PNG."""
+    print("\n| corpus | items | BruteForce single p50 ms | batched ms/q | cheapest ScaNN >= target | recall@100 "
+          "| single p50 ms | p99 ms | batched ms/q | speed-up (single) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
-        s, b, c = r["served"]["scann"], r["served"]["brute_force"], r["chosen"]
-        print(f"| {r['num_items']:,} | {r['index_build_s']:.1f} | {b['single']['p50_ms']:.3f} | "
-              f"{s['single']['p50_ms']:.3f} | {r['served_single_speedup']:.1f}x | {b['batched_ms_per_query']:.3f} | "
-              f"{s['batched_ms_per_query']:.3f} | {s['recall@100']:.4f} | {c['leaves_to_search']}/{r['num_leaves']} "
-              f"| {c['reorder']} |")
+        b, c = r["brute_force"], r["chosen"]
+        if c is None:
+            print(f"| {r['corpus']} | {r['num_items']:,} | {b['single']['p50_ms']:.3f} | "
+                  f"{b['batched_ms_per_query']:.3f} | none | | | | | |")
+            continue
+        print(f"| {r['corpus']} | {r['num_items']:,} | {b['single']['p50_ms']:.3f} | {b['batched_ms_per_query']:.3f} | "
+              f"{c['leaves_to_search']}/{c['num_leaves']} {'spherical' if c['spherical'] else 'plain'} leaves, "
+              f"reorder {c['reorder']} | {c['recall@100']:.4f} | "
+              f"{c['single']['p50_ms']:.3f} | {c['single']['p99_ms']:.3f} | {c['batched_ms_per_query']:.3f} | "
+              f"{b['single']['p50_ms'] / c['single']['p50_ms']:.1f}x |")
+    for r in (r for r in results["runs"] if "served" in r):
+        s = r["served"]
+        d, b = s["scann_default"], s["brute_force"]
+        print(f"served graph, {r['corpus']} {r['num_items']:,}: default index {d['index']} -> recall@100 "
+              f"{d['recall@100']:.4f}, single p50 {d['single']['p50_ms']:.3f} ms vs exact {b['single']['p50_ms']:.3f} "
+              f"ms ({s['single_speedup']:.1f}x)")
     write_results(results, args.out)
-    return results
+    plot(results, args.png)
 
 
 if __name__ == "__main__":

@@ -19,30 +19,58 @@ from scann import scann_ops
 
 
 @dataclasses.dataclass(frozen=True)
+class CatalogueDefault:
+    """One measured point of :meth:`ScannOptions.for_catalogue`: at ``num_items`` items the cheapest
+    configuration with recall@100 >= 0.99 had ``leaf_multiplier * sqrt(N)`` leaves (``spherical`` or plain
+    k-means centres), searched ``leaf_fraction`` of them and re-ranked ``reorder`` candidates (for 100
+    retrieved)."""
+
+    num_items: int
+    leaf_multiplier: float
+    leaf_fraction: float
+    reorder: int
+    spherical: bool
+
+
+#: Up to this many items every leaf is searched (see :class:`ScannOptions`).
+FULL_SEARCH_MAX_ITEMS = 20_000
+
+#: The measured points (``benchmarks/bench_scann.py``, ``docs/results/serving/bench_scann.json``), by size.
+CATALOGUE_DEFAULTS = (CatalogueDefault(87_432, 1.0, 0.2, 500, False),
+                      CatalogueDefault(720_136, 1.0, 0.2, 2000, False))
+
+
+@dataclasses.dataclass(frozen=True)
 class ScannOptions:
-    """ScaNN index parameters; ``None`` picks a size-based default.
+    """ScaNN index parameters; ``None`` takes :meth:`for_catalogue`'s value for the corpus size.
 
     ``num_leaves ~ sqrt(N)``; search a fraction of them; score with anisotropic hashing; re-rank
-    ``num_reordering_candidates`` hits with exact float dot products. Above 20k items the size-based
-    defaults are the cheapest settings that reached recall@100 >= 0.99 against exact search in
-    ``benchmarks/bench_scann.py`` (clustered 64-d embeddings, fused queries):
+    ``num_reordering_candidates`` hits with exact float dot products. Above 20k items the defaults are
+    the cheapest settings (fewest vectors scored) that reached recall@100 >= 0.99 against exact search in
+    ``benchmarks/bench_scann.py`` on *trained* item vectors: CSMF's stage 1 (exposure tower) trained on
+    the synthetic cascade through the streaming path, rows ``[v, log(1 + count)]`` and queries
+    ``[u, alpha]`` exactly as an export with the popularity prior indexes and asks them
+    (``docs/results/serving/bench_scann.json``, 500 queries; 2 cores at load 2-4):
 
-    ============  ===================  ============================
-    items         leaves searched      candidates re-ranked
-    ============  ===================  ============================
-    <= 20k        all                  max(10 k_max, 1000)
-    <= 250k       10 %                 max(10 k_max, 1000)
-    > 250k        40 %                 max(40 k_max, 1000)
-    ============  ===================  ============================
+    ============  ===========  ===============  ==========  =========  ====================================
+    items         leaves       leaves searched  re-ranked   centres    measured (single p50 / exact)
+    ============  ===========  ===============  ==========  =========  ====================================
+    <= 20k        sqrt(N)      all              max(10 k,   spherical  (not measured here)
+                                                1000)
+    87,432        sqrt(N)      20 %             500         plain      recall 0.991, 0.93 / 3.7 ms
+    720,136       sqrt(N)      20 %             2000        plain      recall 0.991, 0.97 / 14.5 ms
+    ============  ===========  ===============  ==========  =========  ====================================
 
-    Up to 20k items every leaf is searched: a partial search saves next to nothing at that size, and
-    trained models are less clustered than the benchmark's corpus (30 % of the leaves, the previous
-    default, gave the main job's trained 2,000-item model recall@10 = 0.372 on 500 of its users and the
-    README quick start's 300-item model 0.89). They depend on how clustered the embeddings are: every
-    export measures its own recall against exact search and refuses a version below its floor
-    (:mod:`csmf_tf.serving.recall`). ``spherical`` partitioning (unit centroids) matters for
-    inner-product search: with plain k-means centroids recall@100 dropped by several points at the
-    same cost.
+    Between and beyond the measured sizes see :meth:`for_catalogue`. Up to 20k items every leaf is
+    searched: a partial search saves next to nothing at that size (the previous rule, kept). Plain
+    (non-spherical) k-means centres above 20k: with the popularity column the trained rows are far from
+    unit length and their norm carries the popularity, so spherical centres send queries to the wrong
+    leaves (recall@100 0.011 at 10 % of the leaves at 720k items, 0.18 at 40 %, where plain centres give
+    0.957 and 0.996). The previous size table (spherical; 10 % of the leaves and 1,000 re-ranked up to
+    250k items, 40 % and 4,000 above) came from tightly clustered demo vectors; on the trained vectors it
+    gives recall@100 0.003 at 87k items and about 0.18 at 720k (0.979 at 87k with plain centres).
+    The right setting depends on the embeddings: every export measures its own recall against exact
+    search and refuses a version below its floor (:mod:`csmf_tf.serving.recall`).
     """
 
     num_leaves: int | None = None
@@ -52,31 +80,62 @@ class ScannOptions:
     num_reordering_candidates: int | None = None
     training_iterations: int = 12
     training_sample_size: int | None = None
-    spherical: bool = True
+    spherical: bool | None = None
     anisotropic_quantization_threshold: float = 0.2
     parallelize_batch_searches: bool = True
+
+    @classmethod
+    def for_catalogue(cls, num_items: int, num_candidates: int = 100) -> "ScannOptions":
+        """The default index for ``num_items`` items from which ``num_candidates`` are retrieved.
+
+        Up to :data:`FULL_SEARCH_MAX_ITEMS`: ``sqrt(N)`` leaves, all searched, ``max(10 k, 1000)``
+        re-ranked. Above: the measured points :data:`CATALOGUE_DEFAULTS`; at a measured size its
+        configuration, below the smallest the smallest's, above the largest the largest's, and between two
+        the more demanding of the two in every knob (more leaves, a larger fraction, more re-ranked), so
+        the rule never asks for less than a measured size on either side needed. Re-ranked candidates
+        scale with ``num_candidates`` above 100 (they were measured for 100).
+        """
+        if num_items < 1:
+            raise ValueError(f"the ScaNN index needs at least one item, got num_items={num_items}")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if num_items <= FULL_SEARCH_MAX_ITEMS:
+            return cls(num_leaves=max(1, int(round(math.sqrt(num_items)))), leaves_to_search_fraction=1.0,
+                       num_reordering_candidates=max(10 * num_candidates, 1000), spherical=True)
+        below = [d for d in CATALOGUE_DEFAULTS if d.num_items <= num_items] or [CATALOGUE_DEFAULTS[0]]
+        above = [d for d in CATALOGUE_DEFAULTS if d.num_items >= num_items] or [CATALOGUE_DEFAULTS[-1]]
+        lo, hi = below[-1], above[0]
+        multiplier = max(lo.leaf_multiplier, hi.leaf_multiplier)
+        reorder = max(lo.reorder, hi.reorder)
+        return cls(num_leaves=min(num_items, max(1, int(round(multiplier * math.sqrt(num_items))))),
+                   leaves_to_search_fraction=max(lo.leaf_fraction, hi.leaf_fraction),
+                   num_reordering_candidates=max(reorder, int(math.ceil(reorder * num_candidates / 100))),
+                   spherical=hi.spherical)
 
     def resolve(self, num_items: int, num_candidates: int) -> dict[str, Any]:
         """Concrete parameters for a corpus of ``num_items`` from which ``num_candidates`` are retrieved."""
         if num_items < 1:
             raise ValueError("the ScaNN index needs at least one item")
+        default = None
+        if None in (self.num_leaves, self.num_reordering_candidates, self.spherical) or (
+                self.num_leaves_to_search is None and self.leaves_to_search_fraction is None):
+            default = ScannOptions.for_catalogue(num_items, num_candidates)
         # ScaNN refuses more leaves than points; sqrt(N) keeps leaves ~ as large as their number.
-        leaves = self.num_leaves if self.num_leaves is not None else max(1, int(round(math.sqrt(num_items))))
+        leaves = self.num_leaves if self.num_leaves is not None else default.num_leaves
         if not 1 <= leaves <= num_items:
             raise ValueError(f"num_leaves must be in [1, {num_items}] (corpus size), got {leaves}")
-        large = num_items > 250_000
         if self.num_leaves_to_search is not None:
             search = self.num_leaves_to_search
         else:
             fraction = self.leaves_to_search_fraction
             if fraction is None:
-                fraction = 1.0 if num_items <= 20_000 else 0.4 if large else 0.1
+                fraction = default.leaves_to_search_fraction
             search = min(leaves, max(1, int(math.ceil(leaves * fraction))))
         if not 1 <= search <= leaves:
             raise ValueError(f"num_leaves_to_search must be in [1, num_leaves={leaves}], got {search}")
         reorder = self.num_reordering_candidates
         if reorder is None:
-            reorder = max((40 if large else 10) * num_candidates, 1000)
+            reorder = default.num_reordering_candidates
         reorder = int(min(max(reorder, num_candidates), num_items))
         if self.dimensions_per_block < 1:
             raise ValueError("dimensions_per_block must be >= 1")
@@ -85,7 +144,8 @@ class ScannOptions:
                 "dimensions_per_block": int(self.dimensions_per_block),
                 "num_reordering_candidates": reorder,
                 "training_iterations": int(self.training_iterations),
-                "training_sample_size": int(sample), "spherical": bool(self.spherical),
+                "training_sample_size": int(sample),
+                "spherical": bool(self.spherical if self.spherical is not None else default.spherical),
                 "anisotropic_quantization_threshold": float(self.anisotropic_quantization_threshold),
                 "parallelize_batch_searches": bool(self.parallelize_batch_searches)}
 
