@@ -296,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                    "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
-                               "note": "shared machine: a long experiment report and other jobs ran at the same "
-                                       "time; the 1-minute load average is recorded with every run"},
+                               "note": "the 1-minute load average is recorded with every run"},
                    "seconds": time.time() - began, "table": table, "timing_runs": timing, "memory_runs": memory},
                   args.out)
     return 0
