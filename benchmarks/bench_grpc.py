@@ -23,6 +23,7 @@ functions that took the server's time are written to the JSON (``profile``).
 
     python benchmarks/bench_grpc.py --num_items 1000000 --export_dir /tmp/bench_1m   # keeps the export
     python benchmarks/bench_grpc.py --profile                     # + py-spy profile of the server at c=32
+    python benchmarks/bench_grpc.py --trained_items 100000 --cache /tmp/annbench/cache   # trained vectors
 """
 from __future__ import annotations
 
@@ -88,6 +89,36 @@ def export_demo(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     users = {"user_id": c.ids.astype(str), "age": c.features["age"], "city": c.features["city"].astype(str)}
     np.savez(saved, settings=json.dumps(settings), **users)
     return path, users
+
+
+def num_objectives(version_dir: Path) -> int:
+    """How many objective weights the export's ``serving_default`` takes."""
+    return int(json.loads((Path(version_dir) / "assets" / "config.json").read_text())["num_objectives"])
+
+
+def export_trained(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    """Export a model trained on the synthetic cascade at ``--trained_items`` items through the streaming
+    path (``csmf_tf.testing.embedding_corpus``: trained once, cached under ``--cache``; the vectors
+    ``benchmarks/bench_scann.py`` measures) with the export's default index (``ScannOptions.for_catalogue``);
+    returns the version and every user's tower inputs from the training shards, for the requests."""
+    from csmf_tf.data.streaming import TFRecordSource
+    from csmf_tf.testing.embedding_corpus import default_recipe, train_item_vectors
+    from pipelines import export
+
+    recipe = default_recipe(args.trained_items)
+    train_item_vectors(recipe, args.cache)
+    work = Path(args.cache) / f"cascade_{recipe.num_items}_seed{recipe.seed}"
+    versions = sorted((p for p in (base / args.model_name).iterdir() if p.name.isdigit()),
+                      key=lambda p: int(p.name)) if (base / args.model_name).exists() else []
+    if versions:
+        print(f"reusing {versions[-1]}", flush=True)
+        path = versions[-1]
+    else:
+        path = export.main(["--bundle", str(work / "run" / "bundle"), "--base_path", str(base),
+                            "--model_name", args.model_name])
+    catalog = TFRecordSource(sorted(str(p) for p in (work / "data").glob("cascade-*.tfrecord"))).user_catalog()
+    return path, {"user_id": np.asarray(catalog.ids).astype(str),
+                  **{name: np.asarray(values) for name, values in catalog.features.items()}}
 
 
 def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batching: bool
@@ -158,22 +189,32 @@ def serve_fixed_response(port_file: Path, k: int) -> None:
     asyncio.run(serve())
 
 
-def make_request(model_name: str, users: dict, rng: np.random.Generator, k: int) -> predict_pb2.PredictRequest:
+def user_rows(users: dict, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The user tower's inputs for ``rows`` of ``users`` (``{input name: [N] array}``): strings as
+    object arrays, numbers as float32, as the export's signature takes them."""
+    return {name: values[rows].astype(object) if values.dtype.kind in "OSU" else values[rows].astype(np.float32)
+            for name, values in users.items()}
+
+
+def num_users(users: dict) -> int:
+    return len(next(iter(users.values())))
+
+
+def make_request(model_name: str, users: dict, rng: np.random.Generator, k: int, objectives: int
+                 ) -> predict_pb2.PredictRequest:
     """A retrieval request for a random user with random objective weights."""
-    i = int(rng.integers(len(users["user_id"])))
     req = predict_pb2.PredictRequest()
     req.model_spec.name = model_name
     req.model_spec.signature_name = "serving_default"
-    req.inputs["user_id"].CopyFrom(tf.make_tensor_proto(np.array([users["user_id"][i]], dtype=object)))
-    req.inputs["age"].CopyFrom(tf.make_tensor_proto(np.array([users["age"][i]], np.float32)))
-    req.inputs["city"].CopyFrom(tf.make_tensor_proto(np.array([users["city"][i]], dtype=object)))
-    req.inputs["objective_weights"].CopyFrom(tf.make_tensor_proto(rng.uniform(0.1, 2.0, 3).astype(np.float32)))
+    for name, value in user_rows(users, rng.integers(num_users(users), size=1)).items():
+        req.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    req.inputs["objective_weights"].CopyFrom(tf.make_tensor_proto(rng.uniform(0.1, 2.0, objectives).astype(np.float32)))
     req.inputs["k"].CopyFrom(tf.make_tensor_proto(np.int32(k)))
     return req
 
 
 def run_load(target: str, model_name: str, users: dict, concurrency: int, duration: float, warmup: float,
-             k: int, timeout: float) -> dict:
+             k: int, timeout: float, objectives: int = 3) -> dict:
     """``concurrency`` closed-loop clients for ``warmup + duration`` seconds; stats over ``duration``.
 
     The clients are coroutines on one ``grpc.aio`` channel per client (the stock stub works on aio
@@ -191,7 +232,7 @@ def run_load(target: str, model_name: str, users: dict, concurrency: int, durati
 
         async def client(slot: int) -> None:
             rng = np.random.default_rng(slot)
-            requests = [make_request(model_name, users, rng, k) for _ in range(64)]
+            requests = [make_request(model_name, users, rng, k, objectives) for _ in range(64)]
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
                 i = 0
@@ -228,13 +269,13 @@ def graph_ceiling(version_dir: Path, users: dict, batch: int, k: int, seconds: f
     could serve if gRPC, decoding and the load generator cost nothing.
     """
     fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    objectives = num_objectives(version_dir)
     rng = np.random.default_rng(0)
 
     def call() -> None:
-        i = rng.integers(len(users["user_id"]), size=batch)
-        fn(user_id=tf.constant(users["user_id"][i].astype(object)), age=tf.constant(users["age"][i], tf.float32),
-           city=tf.constant(users["city"][i].astype(object)),
-           objective_weights=tf.constant(rng.uniform(0.1, 2.0, (batch, 3)), tf.float32), k=tf.constant(k))
+        features = {n: tf.constant(v) for n, v in user_rows(users, rng.integers(num_users(users), size=batch)).items()}
+        fn(**features, objective_weights=tf.constant(rng.uniform(0.1, 2.0, (batch, objectives)), tf.float32),
+           k=tf.constant(k))
 
     for _ in range(3):
         call()
@@ -252,21 +293,21 @@ FIXED = "fixed response (transport only)"
 def served_recall(version_dir: Path, users: dict, k: int = 100, queries: int = 200) -> float:
     """Mean recall@k of the served ``serving_default`` against exact search on the same export.
 
-    The exact side uses the export's own variables (item vectors, stage masks) and its
-    ``user_embedding`` signature: fused query ``u * (weights @ M)``, inner product with every item,
-    top k. So the QPS below can be read together with the recall the index gave at that setting.
+    The exact side uses the export's own variables (item vectors, stage masks, prior alphas) and its
+    ``user_embedding`` signature: fused query ``u * (weights @ M)`` (with a popularity prior
+    ``[u * w, weights * alpha]``), inner product with every item, top k. So the QPS below can be read together with the recall the index gave at that setting.
     """
     loaded = tf.saved_model.load(str(version_dir))
     rng = np.random.default_rng(1)
-    rows = rng.choice(len(users["user_id"]), size=min(queries, len(users["user_id"])), replace=False)
-    features = {"user_id": tf.constant(users["user_id"][rows].astype(object)),
-                "age": tf.constant(users["age"][rows], tf.float32),
-                "city": tf.constant(users["city"][rows].astype(object))}
-    weights = rng.uniform(0.1, 2.0, (len(rows), 3)).astype(np.float32)
+    rows = rng.choice(num_users(users), size=min(queries, num_users(users)), replace=False)
+    features = {n: tf.constant(v) for n, v in user_rows(users, rows).items()}
+    weights = rng.uniform(0.1, 2.0, (len(rows), num_objectives(version_dir))).astype(np.float32)
     served = loaded.signatures["serving_default"](**features, objective_weights=tf.constant(weights),
                                                   k=tf.constant(k, tf.int32))["item_ids"].numpy()
     u = loaded.signatures["user_embedding"](**features)["user_embedding"]
     query = u * fusion_scales_tf(weights, loaded.stage_masks)
+    if getattr(loaded, "prior_alphas", None) is not None:   # [u * w, k * alpha] (serving/module.py)
+        query = tf.concat([query, weights * loaded.prior_alphas], axis=1)
     exact = np.concatenate([tf.math.top_k(tf.matmul(query[i:i + 50], loaded.item_vectors, transpose_b=True),
                                           k).indices.numpy() for i in range(0, len(rows), 50)])
     ids = loaded.item_ids.numpy()
@@ -305,7 +346,7 @@ def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | Non
         return None
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
                              "--format", "raw", "--output", str(out), "--nonblocking", "--threads"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=out.with_suffix(".err").open("w"))
 
 
 def summarise_profile(raw: Path, top: int = 20) -> dict:
@@ -356,6 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scann_leaves_fraction", type=float, help="demo export: fraction of leaves searched")
     p.add_argument("--scann_reorder", type=int, help="demo export: candidates re-ranked exactly")
     p.add_argument("--export_dir", help="keep the demo export here and reuse it when run again")
+    p.add_argument("--trained_items", type=int,
+                   help="serve a model trained on the synthetic cascade at this many items (realistic vectors, "
+                        "see export_trained) instead of the demo export")
+    p.add_argument("--cache", default="/tmp/csmf-bench-cache", help="--trained_items: training cache")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0)
@@ -386,11 +431,13 @@ def main(argv: list[str] | None = None) -> dict:
             exported = None
         else:
             base = Path(args.export_dir) if args.export_dir else workdir / "models"
-            exported, users = export_demo(base, args)
+            exported, users = export_trained(base, args) if args.trained_items else export_demo(base, args)
             model_dir = base / args.model_name
         ceilings = []
         recall = None
         index = json.loads((exported / "assets" / "config.json").read_text()).get("index") if exported else None
+        objectives = num_objectives(exported) if exported else 3
+        exported_items = json.loads((exported / "assets" / "config.json").read_text())["num_items"] if exported else None
         if exported:
             recall = served_recall(exported, users)
             print(f"served index recall@100 against exact search on this export: {recall:.4f}", flush=True)
@@ -414,10 +461,14 @@ def main(argv: list[str] | None = None) -> dict:
                     spy = None
                     if args.profile and label != FIXED and c == max(args.concurrency):
                         spy = start_profile(proc.pid, args.warmup + args.duration, workdir / f"profile-{mode}.txt")
-                    r = run_load(target, args.model_name, users, c, args.duration, args.warmup, args.k, args.timeout)
+                    r = run_load(target, args.model_name, users, c, args.duration, args.warmup, args.k, args.timeout,
+                                 objectives)
                     if spy is not None:
-                        spy.wait(timeout=60)
-                        profiles[label] = summarise_profile(workdir / f"profile-{mode}.txt")
+                        code = spy.wait(timeout=60)
+                        raw = workdir / f"profile-{mode}.txt"
+                        profiles[label] = (summarise_profile(raw) if raw.exists() else
+                                           {"samples": 0, "error": f"py-spy exited with {code} and wrote no profile: "
+                                                                   + raw.with_suffix(".err").read_text()[-500:]})
                     r.update(server=label, batching=mode)
                     runs.append(r)
                     print(f"{label:>30}, concurrency {c:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
@@ -430,7 +481,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average_at_end": os.getloadavg()[0]},
                "graph_ceiling": ceilings, "served_recall_at_100": recall,
-               "model": str(exported or model_dir), "num_items": args.num_items if exported else None,
+               "model": str(exported or model_dir),
+               "vectors": (f"trained: synthetic cascade, {args.trained_items:,} items (csmf_tf.testing.embedding_corpus)"
+                           if args.trained_items else "demo towers (clustered items)") if exported else None,
+               "num_items": exported_items,
                "index": index,
                "k": args.k, "max_batch_size": args.max_batch_size,
                "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs,
