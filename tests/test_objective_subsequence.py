@@ -8,8 +8,8 @@ import pytest
 from csmf_tf.data.prepared import prepare
 from csmf_tf.data.synthetic import generate_cascade
 from csmf_tf.models.towers import TowerConfig
-from csmf_tf.training.evaluation import cascade_vectors, scoring_stage, stage_vectors
-from csmf_tf.training.run import served_columns, train_csmf, training_log_popularity
+from csmf_tf.training.evaluation import cascade_vectors, scoring_stage, served_columns, stage_vectors
+from csmf_tf.training.run import train_csmf, training_log_popularity
 from csmf_tf.training.stages import TrainingConfig
 
 DATA = ("exposure", "click", "conversion")

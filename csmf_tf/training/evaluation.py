@@ -55,6 +55,14 @@ def scoring_stage(objective: str, objectives: Sequence[str], trained: Sequence[s
     return max(1, sum(1 for o in trained if o in objectives and list(objectives).index(o) < position))
 
 
+def served_columns(objectives: Sequence[str], trained: Sequence[str]) -> list[int]:
+    """The columns of the data's ``objectives`` that a model's stages ``trained`` serve, in stage order."""
+    missing = [o for o in trained if o not in objectives]
+    if missing:
+        raise ValueError(f"the model's objectives {missing} are not among the data's {list(objectives)}")
+    return [list(objectives).index(o) for o in trained]
+
+
 def cascade_vectors(model: CascadeTwoTower, data: EvaluationData, objectives: Sequence[str]) -> ScoringVectors:
     """A (CSMF or plain) cascade model: each of ``objectives`` is scored by its :func:`scoring_stage`."""
     per_stage: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -25,7 +25,7 @@ from csmf_tf.plots import plot_cpp_information, plot_ownership
 from csmf_tf.serving.bundle import bundle_item_ids, save_tower_bundle
 from csmf_tf.training import checkpoints
 from csmf_tf.training.checkpoints import completed_stages, stage_dir
-from csmf_tf.training.evaluation import cascade_vectors
+from csmf_tf.training.evaluation import cascade_vectors, served_columns
 from csmf_tf.training.stages import TrainingConfig, build_model, run_cascade, run_stage
 
 
@@ -171,14 +171,6 @@ def scoring_vectors(run: TrainedRun, data: EvaluationData) -> ScoringVectors:
     if run.prior is None:
         return vectors
     return with_prior(vectors, run.prior.log_popularity, run.prior.alphas)
-
-
-def served_columns(objectives: Sequence[str], trained: Sequence[str]) -> list[int]:
-    """The columns of the data's ``objectives`` that a model's stages ``trained`` serve, in stage order."""
-    missing = [o for o in trained if o not in objectives]
-    if missing:
-        raise ValueError(f"the model's objectives {missing} are not among the data's {list(objectives)}")
-    return [list(objectives).index(o) for o in trained]
 
 
 def training_log_popularity(data: PreparedData, objectives: Sequence[str]) -> np.ndarray:
