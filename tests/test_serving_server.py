@@ -443,6 +443,52 @@ def test_async_waiters_that_give_up_do_not_break_the_batching_thread():
     assert calls == [[100.0], [3.0]]                            # neither abandoned request ran
 
 
+def test_a_batch_of_coroutines_costs_one_wake_up_of_their_loop():
+    """Results of a batch reach the event loop in one cross-thread callback, not one per request, and
+    every coroutine still gets its own rows, cut to its own k."""
+    import asyncio
+
+    sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
+                        {"x": TensorSpecInfo("x", tf.float32, (None,))},
+                        {"y": TensorSpecInfo("y", tf.float32, (None,))}, {})
+    gate, started = threading.Event(), threading.Event()
+
+    def run(inputs):
+        started.set()
+        gate.wait(10)                     # the first request holds the thread while 12 more queue up
+        return {"y": inputs["x"] * 2}
+
+    batcher = RetrievalBatcher(run, sig, BatchingOptions(max_batch_size=64, batch_timeout_s=0.0))
+    wake_ups = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        call_soon_threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **kw: (wake_ups.append(a[0]), call_soon_threadsafe(*a, **kw))[1]
+
+        def submit(x):
+            return batcher.submit_async({"x": np.array([x, x + 0.5], np.float32)}, 2, time.monotonic() + 20)
+
+        first = asyncio.ensure_future(submit(-1.0))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(submit(float(i))) for i in range(12)]
+        while batcher.queue_depth < 12:
+            await asyncio.sleep(0.01)
+        gate.set()
+        return await first, await asyncio.gather(*rest)
+
+    try:
+        first, rest = asyncio.run(scenario())
+    finally:
+        gate.set()
+        batcher.stop()
+    assert first["y"].tolist() == [-2.0, -1.0]
+    assert [r["y"].tolist() for r in rest] == [[2.0 * i, 2.0 * i + 1.0] for i in range(12)]
+    assert batcher.max_rows_seen == 24
+    assert len(wake_ups) == 2                 # the lone first request, then the batch of 12
+
+
 def test_lone_request_does_not_wait_for_the_batch_timeout():
     sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
                         {"x": TensorSpecInfo("x", tf.float32, (None,))},

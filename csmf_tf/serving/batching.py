@@ -61,7 +61,10 @@ def _waited_too_long() -> ServingError:
 
 
 class _Task:
-    __slots__ = ("inputs", "rows", "k", "key", "future", "deadline", "cancelled")
+    """One queued request. A blocking caller waits on ``future``; a coroutine on ``waiter``, an asyncio
+    future of its own ``loop`` that only that loop's thread touches."""
+
+    __slots__ = ("inputs", "rows", "k", "key", "future", "deadline", "cancelled", "loop", "waiter")
 
     def __init__(self, inputs: dict[str, np.ndarray], rows: int, k: int | None, key: tuple,
                  deadline: float | None) -> None:
@@ -69,9 +72,35 @@ class _Task:
         self.rows = rows
         self.k = k
         self.key = key
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.future: concurrent.futures.Future | None = None
         self.deadline = deadline
         self.cancelled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiter: asyncio.Future | None = None
+
+    def claim(self) -> bool:
+        """Whether the batch should still run this request (its waiter has not given up)."""
+        if self.cancelled:
+            return False
+        return self.waiter is not None or self.future.set_running_or_notify_cancel()
+
+
+def _settle_waiters(outcomes: list[tuple[_Task, object, BaseException | None]]) -> None:
+    """Runs on an event loop: hand a batch's coroutines their results (skipping those that gave up)."""
+    for task, value, error in outcomes:
+        if task.waiter.done():
+            continue
+        if error is None:
+            task.waiter.set_result(value)
+        else:
+            task.waiter.set_exception(error)
+
+
+def _expire(task: _Task) -> None:
+    """The deadline timer of a queued coroutine (runs on its loop)."""
+    if not task.waiter.done():
+        task.cancelled = True
+        task.waiter.set_exception(_waited_too_long())
 
 
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
@@ -125,6 +154,7 @@ class RetrievalBatcher:
         """Run one request through the batch queue; blocks until done or ``deadline`` (monotonic)."""
         task = self._prepare(inputs, rows)
         task.deadline = deadline
+        task.future = concurrent.futures.Future()
         if self._stopping.is_set():
             return self._execute_one(task)   # a straggler after shutdown: run it directly
         # Counted before it is queued, so a batching thread never believes it is alone by mistake.
@@ -154,22 +184,28 @@ class RetrievalBatcher:
 
         The request is always queued: running it inline, as :meth:`submit` does when the batcher is
         idle, would stop the event loop (and every other request it is decoding) for the whole call.
+        The result comes back through an asyncio future of this loop, set by one loop callback per batch
+        (not one cross-thread wake-up per request), and the deadline is one timer on the loop.
         """
         task = self._prepare(inputs, rows)
         task.deadline = deadline
         loop = asyncio.get_running_loop()
         if self._stopping.is_set():
             return await loop.run_in_executor(None, self._execute_one, task)
+        task.loop, task.waiter = loop, loop.create_future()
         with self._active_lock:
             self._active += 1
+        remaining = _remaining(deadline)
+        timer = None if remaining is None else loop.call_later(remaining, _expire, task)
         try:
             self._enqueue(task)
-            try:
-                return await asyncio.wait_for(asyncio.wrap_future(task.future), _remaining(deadline))
-            except asyncio.TimeoutError:
-                task.cancelled = True
-                raise _waited_too_long() from None
+            return await task.waiter
+        except asyncio.CancelledError:
+            task.cancelled = True         # the RPC was cancelled: the batch skips it
+            raise
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._active_lock:
                 self._active -= 1
 
@@ -232,22 +268,24 @@ class RetrievalBatcher:
 
     def _execute(self, batch: list[_Task]) -> None:
         now = time.monotonic()
-        live = []
+        live, outcomes = [], []
         for t in batch:
-            # A waiter that gave up (deadline, cancelled RPC) may have cancelled the future; once it is
-            # marked running it can no longer be cancelled, so setting its result below cannot fail.
-            if t.cancelled or not t.future.set_running_or_notify_cancel():
+            # A waiter that gave up (deadline, cancelled RPC) is skipped; once claimed, a blocking
+            # caller's future can no longer be cancelled, so setting its result below cannot fail.
+            if not t.claim():
                 continue
             if t.deadline is not None and now > t.deadline:
-                t.future.set_exception(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                    "deadline exceeded before the batch ran"))
+                outcomes.append((t, None, ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                       "deadline exceeded before the batch ran")))
                 continue
             live.append(t)
-        if not live:
-            return
         if len(live) == 1:
-            self._finish_alone(live[0])
-            return
+            outcomes.append(self._run_alone(live[0]))
+        elif live:
+            outcomes.extend(self._run_batch(live))
+        self._settle(outcomes)
+
+    def _run_batch(self, live: list[_Task]) -> list[tuple[_Task, object, BaseException | None]]:
         inputs = {name: np.concatenate([t.inputs[name] for t in live], axis=0)
                   if name == WEIGHTS_INPUT or (name in self._sig.inputs and self._sig.inputs[name].batched)
                   else live[0].inputs[name]
@@ -260,12 +298,10 @@ class RetrievalBatcher:
             outputs = self._run(inputs)
         except Exception as e:  # noqa: BLE001 - isolate the culprit by re-running one by one
             log.debug("batch of %d failed (%s); re-running requests one by one", len(live), e)
-            for t in live:
-                self._finish_alone(t)
-            return
+            return [self._run_alone(t) for t in live]
         self.batches_run += 1
         self.max_rows_seen = max(self.max_rows_seen, sum(t.rows for t in live))
-        start = 0
+        outcomes, start = [], 0
         for t in live:
             part = {}
             for name, value in outputs.items():
@@ -278,15 +314,36 @@ class RetrievalBatcher:
                     v = v[:, :t.k]
                 part[name] = v
             start += t.rows
-            t.future.set_result(part)
+            outcomes.append((t, part, None))
+        return outcomes
 
-    def _finish_alone(self, task: _Task) -> None:
+    def _run_alone(self, task: _Task) -> tuple[_Task, object, BaseException | None]:
         try:
-            task.future.set_result(self._execute_one(task))
+            outcome = (task, self._execute_one(task), None)
         except Exception as e:  # noqa: BLE001 - every failure goes back to its own request
-            task.future.set_exception(e)
+            outcome = (task, None, e)
         self.batches_run += 1
         self.max_rows_seen = max(self.max_rows_seen, task.rows)
+        return outcome
+
+    @staticmethod
+    def _settle(outcomes: list[tuple[_Task, object, BaseException | None]]) -> None:
+        """Hand every request its outcome: blocking callers through their futures, coroutines through one
+        callback per event loop (one cross-thread wake-up per batch, not per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for outcome in outcomes:
+            task, value, error = outcome
+            if task.waiter is not None:
+                by_loop.setdefault(task.loop, []).append(outcome)
+            elif error is None:
+                task.future.set_result(value)
+            else:
+                task.future.set_exception(error)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_waiters, items)
+            except RuntimeError:      # the loop is closed: nobody is waiting any more
+                pass
 
     def _ran(self, rows: int) -> None:
         if self._on_run is not None:
