@@ -184,6 +184,18 @@ def check_prepared(data: PreparedData, args: argparse.Namespace, min_items: int 
                                  "(more rows or a looser label rule)")
 
 
+def add_optimizer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--optimizer`` and ``--sparse-embeddings`` (TrainingConfig.optimizer / .sparse_embeddings)."""
+    from csmf_tf.training.optimizers import ADAM, OPTIMIZERS
+
+    parser.add_argument("--optimizer", default=ADAM, choices=list(OPTIMIZERS),
+                        help="adam: tf-keras Adam (every embedding row updated every step); lazy_adam: only the "
+                             "rows a batch touches (README: Training at scale)")
+    parser.add_argument("--sparse-embeddings", action="store_true",
+                        help="mask looked-up embedding rows instead of rewriting whole tables each step, owners "
+                             "per column; with --optimizer lazy_adam a step costs the same at any catalogue size")
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="details: Keras progress bars, TensorFlow's warnings and its C++ log lines "

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import add_data_arguments, load_table
+from pipelines.common import add_data_arguments, add_optimizer_arguments, load_table
 from pipelines.train_cascade import floats
 
 from csmf_tf.data.prepared import prepare
@@ -120,6 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="pairs left out of each user's ranking: every training (and, for test, validation) "
                              "pair ('seen', default) or only the objective's positives ('objective')")
     parser.add_argument("--no-prior", action="store_true", help="score every method without the popularity prior")
+    add_optimizer_arguments(parser)
     parser.add_argument("--threads", type=int, help="TensorFlow intra- and inter-op threads (default: all)")
     parser.add_argument("--verbose", type=int, default=0)
     return parser.parse_args(argv)
@@ -143,6 +144,7 @@ def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, 
         budget = dataclasses.replace(budget, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.no_prior:
         config = dataclasses.replace(config, popularity_prior=False)
+    config = dataclasses.replace(config, optimizer=args.optimizer, sparse_embeddings=args.sparse_embeddings)
     if args.no_sweeps:
         budget = dataclasses.replace(budget, tau_values=(), eta_values=(), fusion_values=())
     return mode, config, budget

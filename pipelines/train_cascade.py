@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.common import (add_data_arguments, add_output_arguments, add_streaming_arguments, check_objectives,
+from pipelines.common import (add_data_arguments, add_optimizer_arguments, add_output_arguments, add_streaming_arguments, check_objectives,
                               check_prepared, configure_output, load_holdout, load_table)
 
 import tensorflow as tf
@@ -29,7 +29,6 @@ from csmf_tf.data.prepared import prepare, prepare_streaming
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.metrics.retrieval import format_results_table
 from csmf_tf.training import parameter_servers
-from csmf_tf.training.optimizers import OPTIMIZERS
 from csmf_tf.training.extend import extend_csmf
 from csmf_tf.training.run import train_csmf
 from csmf_tf.training.stages import TrainingConfig
@@ -69,12 +68,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hidden-units", default="256,128")
     group.add_argument("--fusion-weights", default="1,1,1", help="k_d,k_o,k_r for the fused ranking")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=list(OPTIMIZERS),
-                       help="adam: tf-keras Adam (every embedding row updated every step); lazy_adam: only the "
-                            "rows a batch touches (README: Training at scale)")
-    group.add_argument("--sparse-embeddings", action="store_true",
-                       help="mask looked-up embedding rows instead of rewriting whole tables each step, owners "
-                            "per column; with --optimizer lazy_adam a step costs the same at any catalogue size")
+    add_optimizer_arguments(group)
 
 
 def floats(text: str, flag: str) -> tuple[float, ...]:

@@ -291,3 +291,34 @@ def test_quick_report_invariants_between_methods(quick):
                 assert p["test"]["stage"]["exposure/recall@50"] == main["stage"]["exposure/recall@50"]
     at_base = [r for r in sens["fusion"]["click"] if r["weights"] == result["fusion_weights"]][0]
     assert at_base["csmf"]["click/recall@50"] == pytest.approx(main["fused"]["click/recall@50"], abs=2e-6)
+
+
+def test_the_optimizer_flag_reaches_every_methods_fits(data, monkeypatch):
+    """``--optimizer lazy_adam --sparse-embeddings`` lands in the base config, and every fit of every
+    trained method (single towers, unified, multi-head, sequential, fine-tuned copies, CSMF's stages)
+    runs with that optimizer, so an optimizer comparison changes the optimizer and nothing else."""
+    from csmf_tf.experiments import methods as methods_module
+    from csmf_tf.training import stages as stages_module
+    from pipelines.experiments import configure
+
+    args = parse_args(["--mode", "quick", "--optimizer", "lazy_adam", "--sparse-embeddings", "--out", "unused"])
+    _, config, _ = configure(args, data.table)
+    assert config.optimizer == "lazy_adam" and config.sparse_embeddings
+    used = []
+    for module in (methods_module, stages_module):
+        real = module.fit_until_best
+
+        def spy(*a, real=real, **kw):
+            used.append(kw.get("optimizer"))
+            return real(*a, **kw)
+        monkeypatch.setattr(module, "fit_until_best", spy)
+    base = TrainingConfig(tower=TOWER, batch_size=256, max_epochs=1, patience=1, recovery_max_epochs=1,
+                          min_output_units=2, optimizer=config.optimizer, sparse_embeddings=config.sparse_embeddings)
+    context = Context(data, base, num_experts=2)
+    by_name = {m.name: m for m in methods_module.registry(base.objectives)}
+    for name in ("two_tower[click]", "unified", "mmoe", "sequential", "finetuned_copies", "csmf"):
+        before = len(used)
+        by_name[name].train(context, HyperParams(3e-3, 0.1), 0)
+        assert len(used) > before, name
+    context.cleanup()
+    assert set(used) == {"lazy_adam"}

@@ -234,7 +234,7 @@ def train_unified(ctx: Context, hp: HyperParams, seed: int) -> Trained:
                                      item_catalog=ctx.data.items)
     score = ctx.validation_score(ctx.objectives, lambda m: cascade_vectors(m, ctx.data.validation, ctx.objectives))
     log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
-                         config.start_is_candidate, verbose=ctx.verbose)
+                         config.start_is_candidate, verbose=ctx.verbose, optimizer=config.optimizer)
     return Trained(cascade_vectors(model, ctx.data.validation, ctx.objectives), count_parameters(model),
                    log["seconds"], {"fit": log, "rows": len(rows)})
 
@@ -249,7 +249,7 @@ def train_multitask(architecture: str) -> TrainFn:
         dataset = multitask_dataset(ctx.data.train, ctx.objectives, config.batch_size, ctx.data.items, seed=seed)
         score = ctx.validation_score(ctx.objectives, lambda m: multivector_vectors(m, ctx.data.validation))
         log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
-                             config.start_is_candidate, verbose=ctx.verbose)
+                             config.start_is_candidate, verbose=ctx.verbose, optimizer=config.optimizer)
         return Trained(multivector_vectors(model, ctx.data.validation), count_parameters(model), log["seconds"],
                        {"fit": log})
     return train

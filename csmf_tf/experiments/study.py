@@ -69,7 +69,7 @@ def train_tower(data, objective: str, setting: Setting, base: TrainingConfig, se
     score = ValidationRecall(data.validation, (objective,),
                              lambda m: cascade_vectors(m, data.validation, (objective,)), verbose=False)
     log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
-                         config.start_is_candidate)
+                         config.start_is_candidate, optimizer=config.optimizer)
     return model, log
 
 
