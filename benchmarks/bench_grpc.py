@@ -17,7 +17,12 @@ Each model run is read against the **harmonic bound** of the two ceilings at its
 the served graph in-process at the batch the micro-batcher can form (``min(c, max_batch_size)``;
 batch 1 without batching) costs ``1/G`` seconds per query, the transport alone ``1/T``; on shared
 cores a request costs at least both, so ``QPS <= 1 / (1/G + 1/T)``. ``share_of_bound`` is the
-measured QPS over that bound (target: >= 0.9 at concurrency 32 with no errors). With
+measured QPS over that bound (target: >= 0.9 at concurrency 32 with no errors). The model server
+runs with Prometheus metrics on (as a monitored production server would); its batch-size histogram
+gives the rows per graph run it really formed (``served_batch_mean``, warm-up included), and
+``share_of_bound_at_served_batch`` reads the QPS against the bound with the graph ceiling at that
+batch (interpolated between the measured batch sizes): how much of the gap is batches that are
+smaller than ``min(c, max_batch_size)``, and how much is per-request work. With
 ``--profile`` the model server is sampled by ``py-spy`` during the highest concurrency level and the
 functions that took the server's time are written to the JSON (``profile``).
 
@@ -36,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +55,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 from csmf_tf.scoring import fusion_scales_tf  # noqa: E402
+from csmf_tf.serving.monitoring import DEFAULT_PROMETHEUS_PATH as METRICS_PATH  # noqa: E402
 
 
 def export_demo(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
@@ -122,11 +129,14 @@ def export_trained(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
 
 
 def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batching: bool
-                 ) -> tuple[subprocess.Popen, int]:
-    """``python -m pipelines.serve`` on a free port for the model in ``model_dir`` (its version
-    directories); returns the process and its gRPC port."""
+                 ) -> tuple[subprocess.Popen, dict]:
+    """``python -m pipelines.serve`` on free ports for the model in ``model_dir`` (its version
+    directories), with Prometheus metrics on its REST port (as a monitored production server runs);
+    returns the process and its ports."""
+    monitoring = workdir / "monitoring.config"
+    monitoring.write_text(f'prometheus_config {{ enable: true, path: "{METRICS_PATH}" }}\n')
     cmd = ["-m", "pipelines.serve", "--model_base_path", str(model_dir), "--model_name",
-           args.model_name, "--port", "0", "--rest_api_port", "-1",
+           args.model_name, "--port", "0", "--rest_api_port", "0", "--monitoring_config_file", str(monitoring),
            "--file_system_poll_wait_seconds", "0", "--log_level", "WARNING",
            "--max_batch_size", str(args.max_batch_size), "--batch_timeout_micros", str(args.batch_timeout_micros),
            "--grpc_max_workers", str(max(32, 2 * max(args.concurrency)))]
@@ -135,13 +145,13 @@ def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batch
     return _spawn(cmd, workdir / f"ports-{batching}.json")
 
 
-def start_fixed_response_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_fixed_response_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen, dict]:
     """The transport baseline (see :func:`serve_fixed_response`) as its own process."""
     port_file = workdir / "ports-fixed.json"
     return _spawn([str(Path(__file__).resolve()), "--k", str(args.k), "--fixed_response_server"], port_file)
 
 
-def _spawn(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, int]:
+def _spawn(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen([sys.executable, *argv, "--port_file", str(port_file)], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     deadline = time.monotonic() + 600
@@ -149,7 +159,32 @@ def _spawn(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, int]:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the server did not start: {argv}")
         time.sleep(0.2)
-    return proc, json.loads(port_file.read_text())["grpc_port"]
+    return proc, json.loads(port_file.read_text())
+
+
+def batch_totals(rest_port: int | None) -> tuple[float, float] | None:
+    """``(rows, graph runs)`` so far, from the model server's ``csmf_serving_batch_size`` histogram."""
+    if not rest_port:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}{METRICS_PATH}", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "csmf_serving_batch_size":
+            for sample in family.samples:
+                for suffix in totals:
+                    if sample.name.endswith(suffix):
+                        totals[suffix] += sample.value
+    return totals["_sum"], totals["_count"]
+
+
+def served_batch_mean(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Mean rows per graph run between two :func:`batch_totals` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def serve_fixed_response(port_file: Path, k: int) -> None:
@@ -335,6 +370,20 @@ def add_bound_shares(runs: list[dict], ceilings: list[dict], max_batch_size: int
         bound = 1.0 / (1.0 / g + 1.0 / t) if g and t else None
         r.update(graph_ceiling_qps=g, transport_qps=t, bound_qps=bound,
                  share_of_bound=r["qps"] / bound if bound else None)
+        served = graph_ceiling_at(ceilings, r.get("served_batch_mean"))
+        served_bound = 1.0 / (1.0 / served + 1.0 / t) if served and t else None
+        r.update(graph_ceiling_at_served_batch_qps=served, bound_at_served_batch_qps=served_bound,
+                 share_of_bound_at_served_batch=r["qps"] / served_bound if served_bound else None)
+
+
+def graph_ceiling_at(ceilings: list[dict], batch: float | None) -> float | None:
+    """The graph ceiling (QPS) at a mean batch of ``batch`` rows: ms per call interpolated linearly
+    between the measured batch sizes (a call's cost is close to affine in its rows)."""
+    points = sorted((c["batch"], c["ms_per_call"]) for c in ceilings)
+    if batch is None or not points or batch < points[0][0] or batch > points[-1][0]:
+        return None
+    ms = float(np.interp(batch, [b for b, _ in points], [m for _, m in points]))
+    return 1000.0 * batch / ms
 
 
 def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
@@ -454,15 +503,18 @@ def main(argv: list[str] | None = None) -> dict:
         if args.transport_baseline:
             servers.append((FIXED, "n/a", lambda: start_fixed_response_server(args, workdir)))
         for label, mode, start in servers:
-            proc, port = start()
-            target = f"127.0.0.1:{port}"
+            proc, ports = start()
+            target = f"127.0.0.1:{ports['grpc_port']}"
             try:
                 for c in args.concurrency:
                     spy = None
                     if args.profile and label != FIXED and c == max(args.concurrency):
                         spy = start_profile(proc.pid, args.warmup + args.duration, workdir / f"profile-{mode}.txt")
+                    before = batch_totals(ports.get("rest_port")) if label != FIXED else None
                     r = run_load(target, args.model_name, users, c, args.duration, args.warmup, args.k, args.timeout,
                                  objectives)
+                    if label != FIXED:   # warm-up included: the histogram counts every graph run
+                        r["served_batch_mean"] = served_batch_mean(before, batch_totals(ports.get("rest_port")))
                     if spy is not None:
                         code = spy.wait(timeout=60)
                         raw = workdir / f"profile-{mode}.txt"
@@ -496,13 +548,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "met": bool(at_top) and all((r["share_of_bound"] or 0) >= 0.9 and r["errors"] == 0
                                                      for r in at_top)}
     print("\n| server | concurrency | QPS | graph ceiling QPS | transport QPS | harmonic bound | share of bound "
-          "| p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| served batch | share of bound at served batch | p50 ms | p90 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         def fmt(v, spec=".1f"):
             return "n/a" if v is None else format(v, spec)
         print(f"| {r['server']} | {r['concurrency']} | {r['qps']:.1f} | {fmt(r.get('graph_ceiling_qps'))} "
               f"| {fmt(r.get('transport_qps'))} | {fmt(r.get('bound_qps'))} | {fmt(r.get('share_of_bound'), '.2f')} "
+              f"| {fmt(r.get('served_batch_mean'))} | {fmt(r.get('share_of_bound_at_served_batch'), '.2f')} "
               f"| {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |")
     print(f"target (share of bound >= 0.9 at concurrency {top}, no errors): "
           f"{'met' if results['target']['met'] else 'NOT met'}")
