@@ -31,6 +31,7 @@ from csmf_tf.metrics.retrieval import format_results_table
 from csmf_tf.training import parameter_servers
 from csmf_tf.training.extend import extend_csmf
 from csmf_tf.training.run import train_csmf
+from csmf_tf.models.cascade import HARD_NEGATIVE_CORRECTIONS
 from csmf_tf.training.stages import TrainingConfig
 
 
@@ -56,6 +57,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recovery-fraction", type=float, default=1.0)
     group.add_argument("--recovery-max-epochs", type=int, default=5)
     group.add_argument("--no-hard-negatives", action="store_true")
+    group.add_argument("--hard-negative-correction", default=DEFAULTS.hard_negative_correction,
+                       choices=list(HARD_NEGATIVE_CORRECTIONS),
+                       help="log-Q correction of cascade hard negatives: none (p = 1, default) or in_batch (their "
+                            "item's share of the objective's positives, as an in-batch candidate)")
     group.add_argument("--max-epochs", type=int, default=20)
     group.add_argument("--patience", type=int, default=2)
     group.add_argument("--batch-size", type=int, default=1024)
@@ -98,7 +103,8 @@ def _config(args: argparse.Namespace) -> TrainingConfig:
         later_stage_learning_rate=args.later_stage_learning_rate,
         max_epochs=args.max_epochs, patience=args.patience, tau=floats(args.tau, "--tau"),
         granularity=args.granularity, min_output_units=args.min_output_units, eta=args.eta,
-        hard_negatives=not args.no_hard_negatives, recovery=not args.no_recovery,
+        hard_negatives=not args.no_hard_negatives, hard_negative_correction=args.hard_negative_correction,
+        recovery=not args.no_recovery,
         recovery_fraction=args.recovery_fraction, recovery_max_epochs=args.recovery_max_epochs,
         fusion_weights=floats(args.fusion_weights, "--fusion-weights"), seed=args.seed,
         popularity_prior=not args.no_popularity_prior, start_is_candidate=not args.no_start_candidate,

@@ -25,7 +25,7 @@ from csmf_tf.training.stages import TrainingConfig, build_model, fit_objective
 from csmf_tf.data.prepared import prepare_streaming
 
 HN_KEYS = (HARD_NEGATIVE_ITEM_ID, f"{HARD_NEGATIVE_PREFIX}item_category", f"{HARD_NEGATIVE_PREFIX}item_price",
-           "hard_negative_mask")
+           "hard_negative_mask", f"{HARD_NEGATIVE_PREFIX}candidate_sampling_probability")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ def test_element_spec_dtypes_and_shapes(table):
     strings = ["user_id", "user_segment", "item_id", "item_category", features.HARD_NEGATIVE_ITEM_ID,
                "hard_negative/item_category"]
     floats = ["user_activity", "item_price", "candidate_sampling_probability", "hard_negative/item_price",
+              features.HARD_NEGATIVE_SAMPLING_PROBABILITY,
               "hard_negative_mask"]
     assert set(spec) == set(strings + floats)
     for k in strings:

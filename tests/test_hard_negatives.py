@@ -6,6 +6,8 @@ then hard negatives), drop the hard-negative column of every row without one, an
 differs from the in-batch-only loss. The reference loss is computed here in numpy from the model's
 own towers.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -51,8 +53,9 @@ def _batches(table, tmp_path_factory):
     return {"memory": memory, "streaming": streamed}
 
 
-def _reference_loss(model, batch, drop_hard_negatives=False):
-    """Stage-2 AML loss in numpy: softmax over kept candidates with temperature, margin, log-Q, hits."""
+def _reference_loss(model, batch, drop_hard_negatives=False, in_batch_correction=False):
+    """Stage-2 AML loss in numpy: softmax over kept candidates with temperature, margin, log-Q, hits.
+    ``in_batch_correction``: the hard negatives take their item's share for log-Q (else ``p = 1``)."""
     user = model.user_model({k: batch[k] for k in model.user_inputs}).numpy()
     items = model.item_model({k: batch[k] for k in model.item_inputs}).numpy()
     ids = batch[features.ITEM_ID].numpy()
@@ -62,7 +65,9 @@ def _reference_loss(model, batch, drop_hard_negatives=False):
         negatives = model.item_model({k: batch[features.hard_negative(k)] for k in model.item_inputs}).numpy()
         items = np.concatenate([items, negatives])
         ids = np.concatenate([ids, batch[features.HARD_NEGATIVE_ITEM_ID].numpy()])
-        probability = np.concatenate([probability, np.ones_like(probability)])
+        negative_probability = (batch[features.HARD_NEGATIVE_SAMPLING_PROBABILITY].numpy() if in_batch_correction
+                                else np.ones_like(probability))
+        probability = np.concatenate([probability, negative_probability])
         keep = np.concatenate([keep, batch[features.HARD_NEGATIVE_MASK].numpy() == 1.0])
     b = len(user)
     eye = np.eye(b, len(items), dtype=bool)
@@ -93,6 +98,7 @@ def test_hard_negatives_reach_the_loss(table, model, tmp_path_factory, pipeline)
     # Different from the in-batch-only loss (the hard negatives are in the softmax).
     in_batch_only = {k: v for k, v in batch.items() if not k.startswith(features.HARD_NEGATIVE_PREFIX)
                      and k != features.HARD_NEGATIVE_MASK}
+    assert features.HARD_NEGATIVE_SAMPLING_PROBABILITY not in in_batch_only
     plain = float(model.compute_loss(in_batch_only))
     assert plain == pytest.approx(_reference_loss(model, batch, drop_hard_negatives=True), rel=1e-4)
     assert abs(loss - plain) > 1e-3
@@ -113,3 +119,40 @@ def test_stage_one_ignores_hard_negatives(table, tmp_path_factory):
     in_batch_only = {k: v for k, v in batch.items() if not k.startswith(features.HARD_NEGATIVE_PREFIX)
                      and k != features.HARD_NEGATIVE_MASK}
     assert float(stage_one.compute_loss(batch)) == pytest.approx(float(stage_one.compute_loss(in_batch_only)))
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "streaming"])
+def test_in_batch_correction_of_hard_negatives_reads_their_items_share(table, model, tmp_path_factory, pipeline):
+    """``hard_negative_correction="in_batch"``: both pipelines write each hard negative's item share of the
+    click positives (the smallest share for an item without a click), and the loss corrects the hard
+    negatives' logits by it; the default ignores the column (p = 1)."""
+    from csmf_tf.data.tfdata import item_sampling_probabilities
+
+    # Many items, few clicks: most hard negatives are items nobody clicked (the smallest share).
+    sparse = generate_cascade(60, 1500, 2000, seed=2)
+    shares = item_sampling_probabilities(sparse, "click")
+    written, seen = [], []
+    for rows in _batches(sparse, tmp_path_factory)[pipeline]:
+        seen += rows[features.HARD_NEGATIVE_ITEM_ID].numpy().astype(str).tolist()
+        written += rows[features.HARD_NEGATIVE_SAMPLING_PROBABILITY].numpy().tolist()
+    assert any(i not in shares for i in seen) and any(i in shares for i in seen)
+    np.testing.assert_allclose(written, [shares.get(i, min(shares.values())) for i in seen], rtol=1e-6)
+
+    batch = next(iter(_batches(table, tmp_path_factory)[pipeline]))
+    corrected = build_model(dataclasses.replace(CONFIG, hard_negative_correction="in_batch"), table.user_catalog(),
+                            table.item_catalog(), table.feature_kinds, factorized_metrics=False)
+    corrected.set_stage(2, reinitialise=True, seed=1)
+    corrected.set_weights(model.get_weights())
+    loss = float(corrected.compute_loss(batch))
+    assert loss == pytest.approx(_reference_loss(corrected, batch, in_batch_correction=True), rel=1e-4)
+    assert abs(loss - float(model.compute_loss(batch))) > 1e-3
+    # The key reaches the loss: changing the shares changes it under "in_batch" and not by default.
+    changed = dict(batch, **{features.HARD_NEGATIVE_SAMPLING_PROBABILITY:
+                             batch[features.HARD_NEGATIVE_SAMPLING_PROBABILITY] * 0.5})
+    assert abs(float(corrected.compute_loss(changed)) - loss) > 1e-3
+    assert float(model.compute_loss(changed)) == pytest.approx(float(model.compute_loss(batch)), rel=1e-6)
+
+
+def test_an_unknown_hard_negative_correction_is_refused():
+    with pytest.raises(ValueError, match="hard_negative_correction must be one of"):
+        dataclasses.replace(CONFIG, hard_negative_correction="uniform")

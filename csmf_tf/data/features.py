@@ -12,7 +12,10 @@ cannot be spelled two ways (an earlier split between ``"hard_negative_item_id"``
   the log-Q correction;
 - cascade hard negatives (stages ``t > 1``): the negative's id and features under :func:`hard_negative`
   of their names, and :data:`HARD_NEGATIVE_MASK` (1.0 when the row has a hard negative, 0.0 when the
-  user has none: such a row adds no candidate).
+  user has none: such a row adds no candidate), and :data:`HARD_NEGATIVE_SAMPLING_PROBABILITY`: the
+  hard negative's item share of the objective's positives, as :data:`SAMPLING_PROBABILITY` would give it
+  (the smallest share of any item when the item has no positive of the objective), read by the loss
+  when hard negatives take the in-batch log-Q correction (:mod:`csmf_tf.models.cascade`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def strip_hard_negative(key: str) -> str:
 
 
 HARD_NEGATIVE_ITEM_ID = hard_negative(ITEM_ID)
+HARD_NEGATIVE_SAMPLING_PROBABILITY = hard_negative(SAMPLING_PROBABILITY)
 #: Keys whose values are float32 whatever the features are.
-FLOAT_KEYS = (SAMPLING_PROBABILITY, HARD_NEGATIVE_MASK)
+FLOAT_KEYS = (SAMPLING_PROBABILITY, HARD_NEGATIVE_MASK, HARD_NEGATIVE_SAMPLING_PROBABILITY)
 #: Keys whose values are string ids.
 ID_KEYS = (USER_ID, ITEM_ID, HARD_NEGATIVE_ITEM_ID)

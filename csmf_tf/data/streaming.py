@@ -57,8 +57,8 @@ import numpy as np
 
 from csmf_tf.data.files import POSITIVES_FORMAT, positives_manifest_path, resolve_files, schema_path
 from csmf_tf.data.table import CATEGORICAL, NUMERIC, Catalog, InteractionTable, objective_position
-from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY, USER_ID,
-                                   hard_negative)
+from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, HARD_NEGATIVE_SAMPLING_PROBABILITY,
+                                   ITEM_ID, SAMPLING_PROBABILITY, USER_ID, hard_negative)
 from csmf_tf.data.tfdata import _as_tensor_column, _catalog_rows
 
 logger = logging.getLogger("csmf_tf.data")
@@ -464,6 +464,7 @@ class TFRecordSource:
 
         probability = lookup(np.array(list(probabilities), dtype=object),
                              tf.constant(np.array(list(probabilities.values()), dtype=np.float32)), -1.0)
+        smallest_share = np.float32(min(probabilities.values()))
         needs_catalog = item_catalog is not None or hard_negatives
         if needs_catalog:
             catalog_row = lookup(catalog.ids, tf.range(len(catalog), dtype=tf.int64), tf.constant(-1, tf.int64))
@@ -521,6 +522,9 @@ class TFRecordSource:
                 out[HARD_NEGATIVE_ITEM_ID] = tf.gather(catalog_ids, negative)
                 out.update({hard_negative(k): tf.gather(v, negative) for k, v in catalog_features.items()})
                 out[HARD_NEGATIVE_MASK] = tf.cast(has, tf.float32)
+                # An item without a positive of the objective (-1) gets the smallest share, as in memory.
+                share = probability.lookup(out[HARD_NEGATIVE_ITEM_ID])
+                out[HARD_NEGATIVE_SAMPLING_PROBABILITY] = tf.where(share < 0, smallest_share, share)
             return out
 
         read = list(positive_files or self.files)

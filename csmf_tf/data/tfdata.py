@@ -23,7 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
-from csmf_tf.data.features import (FLOAT_KEYS, HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ID_KEYS, ITEM_ID,
+from csmf_tf.data.features import (FLOAT_KEYS, HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK,
+                                   HARD_NEGATIVE_SAMPLING_PROBABILITY, ID_KEYS, ITEM_ID,
                                    SAMPLING_PROBABILITY, USER_ID, hard_negative, strip_hard_negative)
 from csmf_tf.data.table import CATEGORICAL, Catalog, InteractionTable
 
@@ -135,6 +136,8 @@ def objective_columns(table: InteractionTable, objective: str | int, item_catalo
         for k, v in catalog.features.items():
             cols[hard_negative(k)] = np.asarray(v)[nrow]
         cols[HARD_NEGATIVE_MASK] = mask_all[rows]
+        floor = min(probs.values())   # items without a positive of the objective: as if seen once at most
+        cols[HARD_NEGATIVE_SAMPLING_PROBABILITY] = np.array([probs.get(i, floor) for i in neg], dtype=np.float32)
     return cols
 
 

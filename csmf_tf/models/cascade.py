@@ -21,8 +21,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from csmf_tf import scoring
-from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, ITEM_ID, SAMPLING_PROBABILITY,
-                                   hard_negative)
+from csmf_tf.data.features import (HARD_NEGATIVE_ITEM_ID, HARD_NEGATIVE_MASK, HARD_NEGATIVE_SAMPLING_PROBABILITY,
+                                   ITEM_ID, SAMPLING_PROBABILITY, hard_negative)
 from csmf_tf.masks import ownership
 from csmf_tf.models.towers import MaskedTower
 from csmf_tf.tasks.aml import AdaptiveMarginRetrieval, MarginFn
@@ -30,6 +30,16 @@ from csmf_tf.tasks.aml import AdaptiveMarginRetrieval, MarginFn
 
 def tower_input_names(tower: MaskedTower) -> list[str]:
     return list(tower.model.input.keys())
+
+
+#: How cascade hard negatives enter the log-Q correction [ours] (:meth:`CascadeTwoTower.compute_loss`).
+#: ``"none"``: they are chosen, not drawn from the in-batch distribution, so they get no correction
+#: (``p = 1``). The in-batch candidates' logits are raised by ``-log p(i)`` (several nats), so such a
+#: negative competes at a disadvantage of about ``-log p`` of a typical item and barely enters the
+#: softmax. ``"in_batch"``: a hard negative is corrected like an in-batch candidate of the same item
+#: (``p`` = its item's share of the objective's positives, the smallest share when it has none).
+NO_CORRECTION, IN_BATCH_CORRECTION = "none", "in_batch"
+HARD_NEGATIVE_CORRECTIONS = (NO_CORRECTION, IN_BATCH_CORRECTION)
 
 
 class CascadeTwoTower(tfrs.Model):
@@ -48,8 +58,13 @@ class CascadeTwoTower(tfrs.Model):
 
     def __init__(self, user_tower: MaskedTower, item_tower: MaskedTower, objectives: Sequence[str],
                  temperature: float = 0.05, eta: float = 0.0, margin_fn: Optional[MarginFn] = None,
-                 remove_accidental_hits: bool = True, candidates: Optional[tf.data.Dataset] = None):
+                 remove_accidental_hits: bool = True, candidates: Optional[tf.data.Dataset] = None,
+                 hard_negative_correction: str = NO_CORRECTION):
         super().__init__()
+        if hard_negative_correction not in HARD_NEGATIVE_CORRECTIONS:
+            raise ValueError(f"hard_negative_correction must be one of {HARD_NEGATIVE_CORRECTIONS}, "
+                             f"got {hard_negative_correction!r}")
+        self.hard_negative_correction = hard_negative_correction
         if user_tower.output_layer.units != item_tower.output_layer.units:
             raise ValueError("user and item towers must have the same output dimension D; got "
                              f"{user_tower.output_layer.units} and {item_tower.output_layer.units}")
@@ -129,8 +144,9 @@ class CascadeTwoTower(tfrs.Model):
         In stages ``t > 1`` a batch with cascade hard negatives has ``2B`` candidates: the ``B``
         in-batch positives, then the ``B`` hard negatives, each a candidate for every query. A row
         without one (``hard_negative_mask = 0``) adds no candidate: its column is removed from the
-        current and the upstream softmax. Hard negatives are chosen, not drawn from the in-batch
-        distribution, so they get no log-Q correction (``p = 1``, ``log p = 0``) [ours].
+        current and the upstream softmax. Their log-Q correction follows ``hard_negative_correction``
+        (:data:`HARD_NEGATIVE_CORRECTIONS`) [ours]: none (``p = 1``) by default, or their item's
+        in-batch share (``hard_negative/candidate_sampling_probability``).
         """
         query = self.user_model(self._select(features, self.user_inputs), training=training)
         candidates = self.item_model(self._select(features, self.item_inputs), training=training)
@@ -145,7 +161,10 @@ class CascadeTwoTower(tfrs.Model):
             mask = tf.cast(features[HARD_NEGATIVE_MASK], candidates.dtype)
             candidate_mask = tf.concat([tf.ones_like(mask), mask], axis=0)
             if probability is not None:
-                probability = tf.concat([probability, tf.ones_like(probability)], axis=0)
+                negative_probability = (features[HARD_NEGATIVE_SAMPLING_PROBABILITY]
+                                        if self.hard_negative_correction == IN_BATCH_CORRECTION
+                                        else tf.ones_like(probability))
+                probability = tf.concat([probability, negative_probability], axis=0)
         upstream = query * self.upstream_query_mask if self.stage > 1 else None
         return self.tasks[self.stage - 1](
             query, candidates, candidate_sampling_probability=probability,

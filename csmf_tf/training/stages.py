@@ -18,7 +18,7 @@ from csmf_tf.data.features import ITEM_ID, USER_ID
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.data.table import Catalog, InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
-from csmf_tf.models.cascade import CascadeTwoTower
+from csmf_tf.models.cascade import HARD_NEGATIVE_CORRECTIONS, NO_CORRECTION, CascadeTwoTower
 from csmf_tf.models.towers import TowerConfig, build_tower
 from csmf_tf.training import checkpoints, parameter_servers
 from csmf_tf.metrics.protocol import EvaluationData
@@ -59,6 +59,7 @@ class TrainingConfig:
     eta: float = 0.0                        # [ours] AML margin in logit units; 0 = plain TFRS loss
     zero_item_block: bool = True            # [ours] stage t starts at s_t = s_{t-1} (item block zero)
     hard_negatives: bool = True             # cascade hard negatives in stages t > 1
+    hard_negative_correction: str = NO_CORRECTION  # [ours] their log-Q correction (models/cascade.py)
     recovery: bool = True                   # accuracy recovery after CPP
     recovery_fraction: float = 1.0          # [ours] share of the stage's training rows
     recovery_max_epochs: int = 5
@@ -102,6 +103,9 @@ class TrainingConfig:
                                  "so it cannot be extended and served either")
         if self.granularity not in (UNIT, WEIGHT):
             raise ValueError(f"granularity must be {UNIT!r} or {WEIGHT!r}, got {self.granularity!r}")
+        if self.hard_negative_correction not in HARD_NEGATIVE_CORRECTIONS:
+            raise ValueError(f"hard_negative_correction must be one of {HARD_NEGATIVE_CORRECTIONS}, "
+                             f"got {self.hard_negative_correction!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.granularity == WEIGHT and self.eta != 0.0 and stages > 1:
@@ -179,7 +183,7 @@ def build_model(config: TrainingConfig, users: Catalog, items: Catalog,
     item_tower = build_tower("item", ITEM_ID, items, feature_kinds, config.tower, seed=config.seed + 1, **sparse)
     model = CascadeTwoTower(user_tower, item_tower, config.objectives, temperature=config.temperature,
                             eta=config.eta, remove_accidental_hits=config.remove_accidental_hits,
-                            candidates=candidates)
+                            candidates=candidates, hard_negative_correction=config.hard_negative_correction)
     model.per_stage_forward = config.granularity == WEIGHT
     if parameter_servers.in_use():  # built in a ParameterServerStrategy scope: tables may be sharded
         parameter_servers.prepare_model(model.towers)
