@@ -30,6 +30,7 @@ from csmf_tf.experiments.methods import Context, HyperParams, registry
 from csmf_tf.experiments.report import summary_table, verdict, write_report
 from csmf_tf.experiments.runner import Budget, Progress, Runner
 from csmf_tf.metrics.protocol import EXCLUSION_RULES, SEEN
+from csmf_tf.models.cascade import HARD_NEGATIVE_CORRECTIONS
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.stages import TrainingConfig
 
@@ -121,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "pair ('seen', default) or only the objective's positives ('objective')")
     parser.add_argument("--no-prior", action="store_true", help="score every method without the popularity prior")
     add_optimizer_arguments(parser)
+    parser.add_argument("--hard-negative-correction", default="none", choices=list(HARD_NEGATIVE_CORRECTIONS),
+                        help="log-Q correction of CSMF's cascade hard negatives (docs/method.md): none or in_batch")
     parser.add_argument("--threads", type=int, help="TensorFlow intra- and inter-op threads (default: all)")
     parser.add_argument("--verbose", type=int, default=0)
     return parser.parse_args(argv)
@@ -144,7 +147,8 @@ def configure(args: argparse.Namespace, table: InteractionTable) -> tuple[Mode, 
         budget = dataclasses.replace(budget, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.no_prior:
         config = dataclasses.replace(config, popularity_prior=False)
-    config = dataclasses.replace(config, optimizer=args.optimizer, sparse_embeddings=args.sparse_embeddings)
+    config = dataclasses.replace(config, optimizer=args.optimizer, sparse_embeddings=args.sparse_embeddings,
+                                 hard_negative_correction=args.hard_negative_correction)
     if args.no_sweeps:
         budget = dataclasses.replace(budget, tau_values=(), eta_values=(), fusion_values=())
     return mode, config, budget

@@ -325,6 +325,12 @@ def _load_note(result: dict) -> str:
 
 
 
+def _hard_negative_label(base: dict) -> str:
+    """Names the hard negatives' log-Q correction when it is not the default (none)."""
+    correction = base.get("hard_negative_correction", "none")
+    return "" if correction == "none" else f" (log-Q correction: {correction})"
+
+
 def _optimizer_label(base: dict) -> str:
     """How the report names the training optimizer of ``base`` (a TrainingConfig as JSON)."""
     label = "lazy Adam (only the rows a batch touches)" if base.get("optimizer") == "lazy_adam" else "Adam"
@@ -353,7 +359,8 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
              f"fit, early stopping (patience {base['patience']}) on validation Recall@50 with best-weight restore"
              + (", the weights a fit starts from being a candidate too." if base.get("start_is_candidate") else "."),
              f"- CSMF defaults: tau = {tuple(base['tau'])}, eta = {base['eta']}, unit-level CPP, accuracy recovery "
-             f"(at most {base['recovery_max_epochs']} epochs), cascade hard negatives, fusion weights "
+             f"(at most {base['recovery_max_epochs']} epochs), cascade hard negatives"
+             f"{_hard_negative_label(base)}, fusion weights "
              f"{tuple(base['fusion_weights'])}. MMoE: {result['num_experts']} experts.",
              "- Tuning budget (the same for every trained method): grid "
              + ", ".join(f"(lr {h['learning_rate']:g}, T {h['temperature']:g})" for h in budget["grid"])
