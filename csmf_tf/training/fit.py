@@ -137,7 +137,10 @@ def fit_until_best(model: tf.keras.Model, dataset: tf.data.Dataset, score: Valid
     best = max(score.history + ([score.start] if score.start is not None else []))
     return {"objectives": list(score.objectives), "epochs": len(score.history), "start_val_recall@50": score.start,
             "val_recall@50": list(score.history), "best_val_recall@50": best,
-            "best_epoch": stopping.best_epoch + 1, "seconds": time.time() - start}
+            "best_epoch": stopping.best_epoch + 1, "seconds": time.time() - start,
+            # Steps the optimizer applied (its fresh ``iterations``): under parameter servers it shows
+            # whether every scheduled step reached the variables.
+            "optimizer_steps": int(model.optimizer.iterations.numpy())}
 
 
 def mark_built(model: tf.keras.Model) -> None:
