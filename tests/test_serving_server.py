@@ -489,6 +489,32 @@ def test_a_batch_of_coroutines_costs_one_wake_up_of_their_loop():
     assert len(wake_ups) == 2                 # the lone first request, then the batch of 12
 
 
+def test_a_batch_closes_when_its_last_waiting_request_arrives_not_at_the_timeout():
+    """With a 5 s batch window, 8 concurrent coroutines are answered at once: the batching thread waits
+    for company only until every waiting request is queued (the last one wakes it)."""
+    import asyncio
+
+    sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
+                        {"x": TensorSpecInfo("x", tf.float32, (None,))},
+                        {"y": TensorSpecInfo("y", tf.float32, (None,))}, {})
+    batcher = RetrievalBatcher(lambda inputs: {"y": inputs["x"] + 1}, sig,
+                               BatchingOptions(max_batch_size=64, batch_timeout_s=5.0))
+
+    async def scenario():
+        return await asyncio.gather(*[batcher.submit_async({"x": np.array([float(i)], np.float32)}, 1,
+                                                           time.monotonic() + 30) for i in range(8)])
+
+    try:
+        start = time.monotonic()
+        results = asyncio.run(scenario())
+        elapsed = time.monotonic() - start
+    finally:
+        batcher.stop()
+    assert [r["y"].tolist() for r in results] == [[i + 1.0] for i in range(8)]
+    assert elapsed < 2.0, elapsed
+    assert batcher.max_rows_seen >= 2
+
+
 def test_lone_request_does_not_wait_for_the_batch_timeout():
     sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
                         {"x": TensorSpecInfo("x", tf.float32, (None,))},
