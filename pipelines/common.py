@@ -184,8 +184,10 @@ def check_prepared(data: PreparedData, args: argparse.Namespace, min_items: int 
                                  "(more rows or a looser label rule)")
 
 
-def add_optimizer_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--optimizer`` and ``--sparse-embeddings`` (TrainingConfig.optimizer / .sparse_embeddings)."""
+def add_shared_training_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The training choices both ``train_cascade`` and ``experiments`` take: ``--optimizer``,
+    ``--sparse-embeddings`` and ``--hard-negative-correction`` (the TrainingConfig fields of those names)."""
+    from csmf_tf.models.cascade import HARD_NEGATIVE_CORRECTIONS, NO_CORRECTION
     from csmf_tf.training.optimizers import ADAM, OPTIMIZERS
 
     parser.add_argument("--optimizer", default=ADAM, choices=list(OPTIMIZERS),
@@ -194,6 +196,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser | argparse._Argument
     parser.add_argument("--sparse-embeddings", action="store_true",
                         help="mask looked-up embedding rows instead of rewriting whole tables each step, owners "
                              "per column; with --optimizer lazy_adam a step costs the same at any catalogue size")
+    parser.add_argument("--hard-negative-correction", default=NO_CORRECTION, choices=list(HARD_NEGATIVE_CORRECTIONS),
+                        help="log-Q correction of cascade hard negatives: none (p = 1, default) or in_batch (their "
+                             "item's share of the objective's positives, as an in-batch candidate; docs/method.md)")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

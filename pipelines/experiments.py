@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import add_data_arguments, add_optimizer_arguments, load_table
+from pipelines.common import add_data_arguments, add_shared_training_arguments, load_table
 from pipelines.train_cascade import floats
 
 from csmf_tf.data.prepared import prepare
@@ -30,7 +30,6 @@ from csmf_tf.experiments.methods import Context, HyperParams, registry
 from csmf_tf.experiments.report import summary_table, verdict, write_report
 from csmf_tf.experiments.runner import Budget, Progress, Runner
 from csmf_tf.metrics.protocol import EXCLUSION_RULES, SEEN
-from csmf_tf.models.cascade import HARD_NEGATIVE_CORRECTIONS
 from csmf_tf.models.towers import TowerConfig
 from csmf_tf.training.stages import TrainingConfig
 
@@ -121,9 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="pairs left out of each user's ranking: every training (and, for test, validation) "
                              "pair ('seen', default) or only the objective's positives ('objective')")
     parser.add_argument("--no-prior", action="store_true", help="score every method without the popularity prior")
-    add_optimizer_arguments(parser)
-    parser.add_argument("--hard-negative-correction", default="none", choices=list(HARD_NEGATIVE_CORRECTIONS),
-                        help="log-Q correction of CSMF's cascade hard negatives (docs/method.md): none or in_batch")
+    add_shared_training_arguments(parser)
     parser.add_argument("--threads", type=int, help="TensorFlow intra- and inter-op threads (default: all)")
     parser.add_argument("--verbose", type=int, default=0)
     return parser.parse_args(argv)

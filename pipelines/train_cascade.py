@@ -20,8 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.common import (add_data_arguments, add_optimizer_arguments, add_output_arguments, add_streaming_arguments, check_objectives,
-                              check_prepared, configure_output, load_holdout, load_table)
+from pipelines.common import (add_data_arguments, add_output_arguments, add_shared_training_arguments,
+                              add_streaming_arguments, check_objectives, check_prepared, configure_output,
+                              load_holdout, load_table)
 
 import tensorflow as tf
 
@@ -31,7 +32,6 @@ from csmf_tf.metrics.retrieval import format_results_table
 from csmf_tf.training import parameter_servers
 from csmf_tf.training.extend import extend_csmf
 from csmf_tf.training.run import train_csmf
-from csmf_tf.models.cascade import HARD_NEGATIVE_CORRECTIONS
 from csmf_tf.training.stages import TrainingConfig
 
 
@@ -57,10 +57,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recovery-fraction", type=float, default=1.0)
     group.add_argument("--recovery-max-epochs", type=int, default=5)
     group.add_argument("--no-hard-negatives", action="store_true")
-    group.add_argument("--hard-negative-correction", default=DEFAULTS.hard_negative_correction,
-                       choices=list(HARD_NEGATIVE_CORRECTIONS),
-                       help="log-Q correction of cascade hard negatives: none (p = 1, default) or in_batch (their "
-                            "item's share of the objective's positives, as an in-batch candidate)")
     group.add_argument("--max-epochs", type=int, default=20)
     group.add_argument("--patience", type=int, default=2)
     group.add_argument("--batch-size", type=int, default=1024)
@@ -73,7 +69,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hidden-units", default="256,128")
     group.add_argument("--fusion-weights", default="1,1,1", help="k_d,k_o,k_r for the fused ranking")
     group.add_argument("--seed", type=int, default=0)
-    add_optimizer_arguments(group)
+    add_shared_training_arguments(group)
 
 
 def floats(text: str, flag: str) -> tuple[float, ...]:

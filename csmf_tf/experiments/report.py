@@ -324,7 +324,6 @@ def _load_note(result: dict) -> str:
     return f", load average {load['start']:.1f} at the start and {load['end']:.1f} at the end"
 
 
-
 def _hard_negative_label(base: dict) -> str:
     """Names the hard negatives' log-Q correction when it is not the default (none)."""
     correction = base.get("hard_negative_correction", "none")
@@ -335,6 +334,7 @@ def _optimizer_label(base: dict) -> str:
     """How the report names the training optimizer of ``base`` (a TrainingConfig as JSON)."""
     label = "lazy Adam (only the rows a batch touches)" if base.get("optimizer") == "lazy_adam" else "Adam"
     return label + (", sparse embeddings" if base.get("sparse_embeddings") else "")
+
 
 def markdown(result: dict, images: dict[str, Path | None]) -> str:
     objectives = result["objectives"]
@@ -355,7 +355,8 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
              f"- Towers: id embedding {base['tower']['id_embedding_dim']}, feature embedding "
              f"{base['tower']['feature_embedding_dim']}, MLP {tuple(base['tower']['hidden_units'])}, output D = "
              f"{base['tower']['output_dim']}; batch {base['batch_size']} (later stages and later-objective fine-tunes "
-             f"{base.get('later_stage_batch_size') or base['batch_size']}); {_optimizer_label(base)}; at most {base['max_epochs']} epochs per "
+             f"{base.get('later_stage_batch_size') or base['batch_size']}); {_optimizer_label(base)}; "
+             f"at most {base['max_epochs']} epochs per "
              f"fit, early stopping (patience {base['patience']}) on validation Recall@50 with best-weight restore"
              + (", the weights a fit starts from being a candidate too." if base.get("start_is_candidate") else "."),
              f"- CSMF defaults: tau = {tuple(base['tau'])}, eta = {base['eta']}, unit-level CPP, accuracy recovery "
