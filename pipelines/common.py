@@ -16,6 +16,7 @@ from csmf_tf.data.files import read_csv, read_tfrecord
 from csmf_tf.data.synthetic import default_dataset, generate_cascade
 from csmf_tf.data.table import InteractionTable
 from csmf_tf.data.prepared import PreparedData
+from csmf_tf.data.splits import SPLIT_METHODS
 from csmf_tf.data.validation import BadRowsError, LabelRule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-items", type=int)
     group.add_argument("--num-exposures", type=int)
     group.add_argument("--data-seed", type=int, default=0)
+    group.add_argument("--split", choices=SPLIT_METHODS, default="auto",
+                       help="train/validation/test rule (csmf_tf/data/splits.py): time = global time cut-offs, "
+                            "user = per-pair hash, user_time = each user's own latest pairs; auto (default) = "
+                            "time when the data has timestamps, else user")
     group.add_argument("--on-bad-rows", default="error", choices=["error", "skip"])
 
 

@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
         tf.config.run_functions_eagerly(True)
     table = load(args, mode)
     mode, config, budget = configure(args, table)
-    data = prepare(table, seed=args.data_seed, exclusion=args.exclusion)
+    data = prepare(table, seed=args.data_seed, exclusion=args.exclusion, split=args.split)
     if args.study:
         return run_study_command(args, data, config, budget, started, progress, argv)
     methods = registry(config.objectives, config.eta)
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
         "base_config": config.to_json(), "budget": budget.to_json(), "num_experts": mode.num_experts,
         "data": {"rows": len(data.table), "users": len(data.users), "items": len(data.items),
                  "positives": {o: int(data.table.positives(o).sum()) for o in config.objectives},
-                 "split": [len(data.train), len(data.val), len(data.test)],
+                 "split": [len(data.train), len(data.val), len(data.test)], "split_method": data.split,
                  "test_users": {o: int(e.num_users) for o, e in data.testing.eval_sets.items()}},
     })
     paths = write_report(result, args.out)

@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     table = load_table(args)
     check_objectives(table, config.objectives, args)
-    data = prepare(table, seed=args.data_seed)
+    data = prepare(table, seed=args.data_seed, split=args.split)
     check_prepared(data, args)
     note = (f"Data: --dataset {args.dataset}" + (f" ({args.num_users:,} users, {args.num_items:,} items, "
                                                  f"{args.num_exposures:,} exposures)" if args.num_users else

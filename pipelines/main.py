@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     board = None if args.no_tensorboard else out / "tensorboard"
     table = load_table(args)
     check_objectives(table, config.objectives, args)
-    data = prepare(table, seed=args.data_seed)
+    data = prepare(table, seed=args.data_seed, split=args.split)
     check_prepared(data, args)
     ks = tuple(k for k in (20, 50, 100, 200) if k <= len(data.items))
     first = config.objectives[0]

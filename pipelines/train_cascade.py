@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     else:
         table = load_table(args)
         check_objectives(table, config.objectives, args)
-        data = prepare(table, seed=args.data_seed)
+        data = prepare(table, seed=args.data_seed, split=args.split)
         check_prepared(data, args)
     board = None if args.no_tensorboard else out / "tensorboard"
     if args.extend_from:

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
         parse_target(args.maximise, args.constraint)  # the syntax, before any data is read
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    data = prepare(load_table(args), seed=args.data_seed)
+    data = prepare(load_table(args), seed=args.data_seed, split=args.split)
     try:
         run = load_run(run_dir, data)
         target = parse_target(args.maximise, args.constraint, run.model.objectives)

@@ -1,4 +1,4 @@
-"""Train / val / test splits: partition, labels kept with their pair, determinism, both methods."""
+"""Train / val / test splits: partition, labels kept with their pair, determinism, every method."""
 import numpy as np
 import pytest
 
@@ -75,11 +75,48 @@ def test_every_user_keeps_a_train_pair():
     assert np.array_equal(h, pair_hash_unit(users.copy(), items.copy(), 0))
 
 
+def test_user_time_split_takes_each_users_own_latest_pairs(table):
+    s = split_table(table, 0.1, 0.2, seed=3, method="user_time")
+    assert_partition(table, s)
+    for user in np.unique(table.user_id):
+        ts = {name: part.timestamp[part.user_id == user] for name, part in
+              (("train", s.train), ("val", s.val), ("test", s.test))}
+        n = sum(len(v) for v in ts.values())
+        # round(fraction * n) each, at least one training pair, val shrinking first
+        expect_test = min(int(np.rint(0.2 * n)), n - 1)
+        assert len(ts["test"]) == expect_test
+        assert len(ts["val"]) == min(int(np.rint(0.1 * n)), n - 1 - expect_test)
+        assert len(ts["train"]) >= 1
+        # the user's own order in time: train, then val, then test
+        if len(ts["val"]):
+            assert ts["train"].max() <= ts["val"].min()
+        if len(ts["test"]):
+            assert np.concatenate([ts["train"], ts["val"]]).max() <= ts["test"].min()
+    # every user with three or more pairs is evaluated (round(0.2 * 3) = 1)
+    users, counts = np.unique(table.user_id, return_counts=True)
+    assert set(users[counts >= 3]) <= set(s.test.user_id)
+    assert keyed(s.test) == keyed(split_table(table, 0.1, 0.2, seed=3, method="user_time").test)
+
+
+def test_user_time_split_breaks_ties_in_time_by_the_pair_hash():
+    users = np.array(["a"] * 10, dtype=object)
+    items = np.array([f"i{k}" for k in range(10)], dtype=object)
+    t = InteractionTable(users, items, np.ones((10, 1)), objectives=("exposure",),
+                         timestamp=np.zeros(10, dtype=np.int64))
+    tests = [set(split_table(t, 0.2, 0.2, seed=seed, method="user_time").test.item_id) for seed in range(6)]
+    assert all(len(x) == 2 for x in tests)
+    assert len({frozenset(x) for x in tests}) > 1                 # the seed picks among tied pairs
+    order = np.argsort(pair_hash_unit(users, items, 4))
+    assert tests[4] == set(items[order[-2:]])                       # the largest hashes come "last"
+
+
 def test_auto_uses_user_split_without_timestamps(table):
     no_ts = InteractionTable(table.user_id, table.item_id, table.labels)
     assert split_table(no_ts).sizes() == split_table(no_ts, method="user").sizes()
     with pytest.raises(ValueError, match="needs table.timestamp"):
         split_table(no_ts, method="time")
+    with pytest.raises(ValueError, match="needs table.timestamp"):
+        split_table(no_ts, method="user_time")
 
 
 def test_bad_arguments(table):

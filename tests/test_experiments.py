@@ -15,7 +15,8 @@ from csmf_tf.experiments.runner import Budget, Progress, Runner, summarise
 from csmf_tf.metrics.vectors import ScoringVectors, evaluate_vectors
 from csmf_tf.training.evaluation import cascade_vectors, count_parameters
 from csmf_tf.data.features import ITEM_ID, USER_ID
-from csmf_tf.models.multitask import MMOE, SHARED_BOTTOM, build_multitask_towers
+from csmf_tf.models.multitask import (HEAD_WEIGHTINGS, MMOE, SHARED_BOTTOM, MultiVectorTwoTower,
+                                      build_multitask_towers, head_loss_weights, multitask_dataset)
 from csmf_tf.models.towers import TowerConfig, build_tower
 from csmf_tf.training import checkpoints
 from csmf_tf.training.selective_mask import selective_mask
@@ -98,6 +99,28 @@ def test_mmoe_gates_are_distributions_over_the_experts(data):
         gate = tf.keras.Model(user.input, user.get_layer(f"user_gate_{t}").output)(inputs).numpy()
         assert gate.shape == (6, 4)
         np.testing.assert_allclose(gate.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_multi_head_loss_is_the_weighted_sum_of_the_objectives_losses(data):
+    objectives = data.table.objectives
+    counts = [int(data.train.positives(o).sum()) for o in objectives]
+    proportional = head_loss_weights(data.train, objectives, "proportional")
+    assert proportional == pytest.approx([c / max(counts) for c in counts]) and max(proportional) == 1.0
+    assert head_loss_weights(data.train, objectives, "equal") == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="head weighting must be one of"):
+        head_loss_weights(data.train, objectives, "inverse")
+    user, item = build_multitask_towers(SHARED_BOTTOM, data.users, data.items, data.table.feature_kinds, TOWER, 3)
+    batch = next(iter(multitask_dataset(data.train, objectives, 64, data.items, seed=1)))
+
+    def loss(weights):
+        return float(MultiVectorTwoTower(user, item, objectives, loss_weights=weights).compute_loss(batch))
+
+    parts = [loss(np.eye(3)[t]) for t in range(3)]    # each objective's loss alone, same towers and batch
+    assert min(parts) > 0
+    for weights in ((1.0, 1.0, 1.0), proportional, (0.5, 2.0, 0.0)):
+        assert loss(weights) == pytest.approx(float(np.dot(weights, parts)), rel=1e-5)
+    with pytest.raises(ValueError, match="loss_weights must be 3 non-negative"):
+        MultiVectorTwoTower(user, item, objectives, loss_weights=(1.0, -1.0, 1.0))
 
 
 # ----- stage re-runs from a checkpoint (the sweeps' path) --------------------------------------------
@@ -200,14 +223,24 @@ def test_csv_dataset_and_user_subsampling(tmp_path):
 
 # ----- the quick-mode report ------------------------------------------------------------------------
 
+QUICK_FLAGS = ["--mode", "quick", "--split", "user_time"]
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pipelines.experiments", "--mode", "quick", "--out", str(out)],
+    # --split user_time (not the default) proves the flag reaches the data the report is made from.
+    done = subprocess.run([sys.executable, "-m", "pipelines.experiments", *QUICK_FLAGS, "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
+
+
+def quick_train_table():
+    """The training split the quick report's fixture trains on (same flags)."""
+    args = parse_args(QUICK_FLAGS + ["--out", "unused"])
+    return prepare(load(args, MODES["quick"]), seed=args.data_seed, split=args.split).train
 
 
 EXPECTED_METHODS = ["popularity", "popularity_exposure", "two_tower[exposure]", "two_tower[click]",
@@ -230,6 +263,7 @@ def test_quick_report_has_every_method_metric_and_file(quick):
     for name in ("recall50.png", "sensitivity_tau.png", "sensitivity_eta.png", "fusion_weights.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "python -m pipelines.experiments --mode quick" in report
+    assert result["data"]["split_method"] == "user_time" and "Split (each user's own latest pairs)" in report
 
 
 def test_quick_report_sizes_and_serving_costs(quick):
@@ -266,7 +300,15 @@ def test_quick_report_statistics_are_over_seeds(quick):
             assert summary["mean"] == pytest.approx(np.mean(values), abs=2e-6)
             assert summary["std"] == pytest.approx(np.std(values, ddof=1), abs=2e-6)
         if method["chosen"] and not isinstance(method["chosen"], dict):
-            assert method["chosen"] in grid and set(method["tuning"]) <= grid
+            # the multi-head baselines try every head loss weighting at every grid point, the rest the grid
+            points = ({f"{g},heads={w}" for g in grid for w in HEAD_WEIGHTINGS}
+                      if name in ("shared_bottom", "mmoe") else grid)
+            assert method["chosen"] in points and set(method["tuning"]) == points, name
+            if name in ("shared_bottom", "mmoe"):
+                weighting = method["chosen"].split("heads=")[1]
+                expected = head_loss_weights(quick_train_table(), result["objectives"], weighting)
+                for run in method["runs"]:
+                    assert run["logs"]["fit"] and run["logs"]["loss_weights"] == pytest.approx(expected)
 
 
 def test_quick_report_invariants_between_methods(quick):

@@ -1,7 +1,7 @@
 """Prepared data: the splits, catalogs and evaluation sets every training run and experiment reads.
 
-:func:`prepare` splits an in-memory table (time split when it has timestamps, else a per-user pair
-split), builds the user and item catalogs over every id, and the validation and test evaluation sets
+:func:`prepare` splits an in-memory table (:func:`csmf_tf.data.splits.split_table`; by default a time
+split when it has timestamps, else a per-user pair split), builds the user and item catalogs over every id, and the validation and test evaluation sets
 under the protocol of :mod:`csmf_tf.metrics.protocol`. :func:`prepare_streaming` does the same when the
 training rows stay in TFRecord shards.
 """
@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from csmf_tf.data.splits import split_table
+from csmf_tf.data.splits import resolve_method, split_table
 from csmf_tf.data.streaming import TFRecordSource
 from csmf_tf.data.table import Catalog, InteractionTable
 from csmf_tf.metrics.protocol import SEEN, EvaluationData, build_evaluation
@@ -30,23 +30,26 @@ class PreparedData:
     items: Catalog
     validation: EvaluationData
     testing: EvaluationData
+    split: str = "time"     # the split rule that made train/val/test (never "auto")
 
 
-def prepare(table: InteractionTable, seed: int = 0, exclusion: str = SEEN) -> PreparedData:
-    """Split, build catalogs over every user and item, and the val/test evaluation sets.
+def prepare(table: InteractionTable, seed: int = 0, exclusion: str = SEEN, split: str = "auto") -> PreparedData:
+    """Split (rule ``split``, see :mod:`csmf_tf.data.splits`), build catalogs over every user and item, and
+    the val/test evaluation sets.
 
     Rankings leave out the user's training pairs (test: also validation pairs) chosen by
     ``exclusion`` (:mod:`csmf_tf.metrics.protocol`; default: every seen pair).
     """
-    splits = split_table(table, seed=seed)
+    splits = split_table(table, seed=seed, method=split)
+    split = resolve_method(table, split)
     users, items = table.user_catalog(), table.item_catalog()
     validation = build_evaluation(splits.train, splits.val, users, items, exclusion=exclusion)
     testing = build_evaluation(splits.train, splits.test, users, items, exclude=[splits.val], exclusion=exclusion)
     print(f"data: {len(table):,} rows, {len(users):,} users, {len(items):,} items; positives per objective: "
           + ", ".join(f"{o}={int(table.positives(o).sum()):,}" for o in table.objectives)
-          + f"; split train/val/test = {len(splits.train):,}/{len(splits.val):,}/{len(splits.test):,}",
+          + f"; {split} split train/val/test = {len(splits.train):,}/{len(splits.val):,}/{len(splits.test):,}",
           flush=True)
-    return PreparedData(table, splits.train, splits.val, splits.test, users, items, validation, testing)
+    return PreparedData(table, splits.train, splits.val, splits.test, users, items, validation, testing, split)
 
 
 def _merge_catalogs(first: Catalog, second: Catalog) -> Catalog:
@@ -80,4 +83,5 @@ def prepare_streaming(train: TFRecordSource, holdout: InteractionTable, seed: in
           + ", ".join(f"{o}={c:,}" for o, c in train.positive_counts.items())
           + f"; holdout val/test = {len(val):,}/{len(test):,} rows ({len(seen):,} training rows of their users)",
           flush=True)
-    return PreparedData(holdout, train, val, test, users, items, validation, testing)
+    return PreparedData(holdout, train, val, test, users, items, validation, testing,
+                        "holdout:" + resolve_method(holdout, "auto"))

@@ -11,6 +11,13 @@ its labels always land together in exactly one part, and the three parts partiti
   landed in train gets the pair with the largest ``h`` among them moved to train, so every user of val/test
   is known at training time. The hash only depends on ``(seed, user, item)``: the assignment of a pair does
   not change when other rows are added or removed.
+- ``method="user_time"``: per user, the user's own latest pairs: a user with ``n`` pairs, ordered by
+  ``(timestamp, pair hash)``, gives its last ``round(test * n)`` pairs to test and the ``round(val * n)``
+  before them to val, always keeping at least one pair in train (the val share shrinks first). Every user
+  with enough history is evaluated, on what that user did next (the usual leave-last-out protocol of
+  rating data). A global cut-off instead evaluates only the users active after it: on MovieLens
+  ml-latest-small, 74 of 610 users. Other users' later pairs can be in train; the protocol trades that
+  leak for an evaluation over every user.
 - ``method="auto"`` (default): ``"time"`` when the table has timestamps, else ``"user"``.
 """
 from __future__ import annotations
@@ -21,6 +28,8 @@ import hashlib
 import numpy as np
 
 from csmf_tf.data.table import InteractionTable
+
+SPLIT_METHODS = ("auto", "time", "user", "user_time")
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -63,6 +72,13 @@ def pair_hash_unit(user_id: np.ndarray, item_id: np.ndarray, seed: int) -> np.nd
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def resolve_method(table: InteractionTable, method: str) -> str:
+    """``method`` with ``"auto"`` replaced by what it means for ``table``."""
+    if method == "auto":
+        return "time" if table.timestamp is not None else "user"
+    return method
+
+
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0
             and val_fraction + test_fraction < 1.0):
@@ -100,6 +116,25 @@ def _user_parts(table: InteractionTable, val_fraction: float, test_fraction: flo
     return part
 
 
+def _user_time_parts(table: InteractionTable, val_fraction: float, test_fraction: float,
+                     seed: int) -> np.ndarray:
+    users, uidx = np.unique(table.user_id.astype(str), return_inverse=True)
+    uidx = uidx.reshape(-1)
+    # Ties in time (ratings entered in the same second) are broken by the pair hash: deterministic.
+    order = np.lexsort((pair_hash_unit(table.user_id, table.item_id, seed), table.timestamp, uidx))
+    counts = np.bincount(uidx, minlength=len(users))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - starts[uidx[order]]
+    n_test = np.minimum(np.rint(test_fraction * counts).astype(np.int64), counts - 1)
+    n_val = np.minimum(np.rint(val_fraction * counts).astype(np.int64), counts - 1 - n_test)
+    from_end = counts[uidx] - rank             # 1 for the user's latest pair
+    part = np.zeros(len(order), dtype=np.int8)
+    part[from_end <= (n_test + n_val)[uidx]] = 1
+    part[from_end <= n_test[uidx]] = 2
+    return part
+
+
 def split_table(table: InteractionTable, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 seed: int = 0, method: str = "auto") -> Splits:
     """Split ``table`` into train / val / test (see the module docstring for the rules).
@@ -107,8 +142,9 @@ def split_table(table: InteractionTable, val_fraction: float = 0.1, test_fractio
     Args:
       table: rows to split; (user, item) pairs are expected to be unique.
       val_fraction, test_fraction: target fractions of rows.
-      seed: selects the pair hash for ``method="user"`` (ignored by ``"time"``, which is deterministic).
-      method: ``"time"``, ``"user"`` or ``"auto"``.
+      seed: selects the pair hash for ``method="user"`` and ``"user_time"``'s tie-break (ignored by
+        ``"time"``, which is deterministic).
+      method: one of :data:`SPLIT_METHODS`.
 
     Returns:
       :class:`Splits` whose parts keep the source row order.
@@ -116,14 +152,15 @@ def split_table(table: InteractionTable, val_fraction: float = 0.1, test_fractio
     _check_fractions(val_fraction, test_fraction)
     if len(table) == 0:
         raise ValueError("cannot split an empty table")
-    if method not in ("auto", "time", "user"):
-        raise ValueError(f"method must be 'auto', 'time' or 'user'; got {method!r}")
-    if method == "auto":
-        method = "time" if table.timestamp is not None else "user"
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"method must be one of {SPLIT_METHODS}; got {method!r}")
+    method = resolve_method(table, method)
+    if method in ("time", "user_time") and table.timestamp is None:
+        raise ValueError(f"method={method!r} needs table.timestamp; this table has none (use method='user')")
     if method == "time":
-        if table.timestamp is None:
-            raise ValueError("method='time' needs table.timestamp; this table has none (use method='user')")
         part = _time_parts(table, val_fraction, test_fraction)
+    elif method == "user_time":
+        part = _user_time_parts(table, val_fraction, test_fraction, seed)
     else:
         part = _user_parts(table, val_fraction, test_fraction, seed)
     return Splits(table.take(part == 0), table.take(part == 1), table.take(part == 2))

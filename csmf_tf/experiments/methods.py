@@ -34,8 +34,8 @@ import numpy as np
 from csmf_tf.data.table import InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
 from csmf_tf.metrics.vectors import ScoringVectors, combine, evaluate_vectors, popularity_scoring
-from csmf_tf.models.multitask import (MMOE, SHARED_BOTTOM, MultiVectorTwoTower, build_multitask_towers,
-                                      multitask_dataset)
+from csmf_tf.models.multitask import (EQUAL, HEAD_WEIGHTINGS, MMOE, SHARED_BOTTOM, MultiVectorTwoTower,
+                                      build_multitask_towers, head_loss_weights, multitask_dataset)
 from csmf_tf.training.evaluation import cascade_vectors, count_parameters, multivector_vectors
 from csmf_tf.training.fit import ValidationRecall, fit_until_best
 from csmf_tf.training.stages import TrainingConfig, build_model, fit_objective, run_cascade, run_stage
@@ -46,14 +46,17 @@ BASELINE, CSMF, ABLATION = "baseline", "csmf", "ablation"
 
 @dataclasses.dataclass(frozen=True)
 class HyperParams:
-    """One point of the tuning grid (the same grid for every trained method)."""
+    """One point of the tuning grid (the same grid for every trained method), plus the knob only the
+    multi-head baselines have: their loss weighting (:data:`HEAD_WEIGHTINGS`, ``None`` for the rest)."""
 
     learning_rate: float
     temperature: float
+    head_weighting: str | None = None
 
     @property
     def key(self) -> str:
-        return f"lr={self.learning_rate:g},T={self.temperature:g}"
+        heads = f",heads={self.head_weighting}" if self.head_weighting else ""
+        return f"lr={self.learning_rate:g},T={self.temperature:g}{heads}"
 
 
 @dataclasses.dataclass
@@ -179,7 +182,8 @@ class Method:
     ``tuned``: whether it has hyperparameters (popularity has none); ``parts``: for a composite
     method, the methods whose selected runs it combines (objective ``t`` from ``parts[t]``);
     ``prior``: scored with the popularity prior (:mod:`csmf_tf.metrics.prior`) when the budget turns
-    it on; ``same_runs_as``: a row scored from another method's runs (e.g. without the prior).
+    it on; ``same_runs_as``: a row scored from another method's runs (e.g. without the prior);
+    ``head_weightings``: the multi-head loss weightings tuned beside every grid point (:meth:`points`).
     """
 
     name: str
@@ -192,6 +196,12 @@ class Method:
     description: str = ""
     prior: bool = True
     same_runs_as: str | None = None
+    head_weightings: tuple[str, ...] = ()
+
+    def points(self, hp: HyperParams) -> list[HyperParams]:
+        """What the method trains at grid point ``hp``: ``hp`` itself, or ``hp`` with each of its head
+        weightings (more tuning than the others get: never less for a baseline)."""
+        return [dataclasses.replace(hp, head_weighting=w) for w in self.head_weightings] or [hp]
 
 
 # ----- training functions -----------------------------------------------------------------------------
@@ -244,14 +254,15 @@ def train_multitask(architecture: str) -> TrainFn:
         config = ctx.config(hp, seed)
         user, item = build_multitask_towers(architecture, ctx.data.users, ctx.data.items, ctx.feature_kinds,
                                             config.tower, len(ctx.objectives), ctx.num_experts, seed=seed)
+        weights = head_loss_weights(ctx.data.train, ctx.objectives, hp.head_weighting or EQUAL)
         model = MultiVectorTwoTower(user, item, ctx.objectives, temperature=config.temperature,
-                                    remove_accidental_hits=config.remove_accidental_hits)
+                                    remove_accidental_hits=config.remove_accidental_hits, loss_weights=weights)
         dataset = multitask_dataset(ctx.data.train, ctx.objectives, config.batch_size, ctx.data.items, seed=seed)
         score = ctx.validation_score(ctx.objectives, lambda m: multivector_vectors(m, ctx.data.validation))
         log = fit_until_best(model, dataset, score, config.learning_rate, config.max_epochs, config.patience,
                              config.start_is_candidate, verbose=ctx.verbose, optimizer=config.optimizer)
         return Trained(multivector_vectors(model, ctx.data.validation), count_parameters(model), log["seconds"],
-                       {"fit": log})
+                       {"fit": log, "loss_weights": list(weights)})
     return train
 
 
@@ -384,8 +395,9 @@ def registry(objectives: Sequence[str], eta: float = 0.0) -> list[Method]:
         Method("unified", "unified two-tower (mixture)", BASELINE, train_unified,
                description="one two-tower trained on the mixture of all objectives' positives"),
         Method("shared_bottom", "shared-bottom two-tower", BASELINE, train_multitask(SHARED_BOTTOM),
+               head_weightings=HEAD_WEIGHTINGS,
                description="shared embeddings+MLP, one linear output head per objective"),
-        Method("mmoe", "MMoE two-tower", BASELINE, train_multitask(MMOE),
+        Method("mmoe", "MMoE two-tower", BASELINE, train_multitask(MMOE), head_weightings=HEAD_WEIGHTINGS,
                description="shared embeddings, experts with the tower's MLP sizes, per-objective gates and heads"),
         Method("sequential", "naive sequential fine-tuning", BASELINE, train_sequential,
                description="one two-tower fine-tuned exposure -> click -> conversion, all parameters trainable"),

@@ -25,6 +25,11 @@ METRICS = ("recall", "ndcg")
 _STYLES = {"csmf": "-", "separate": "--", "shared_bottom": ":"}
 
 
+#: How the report names each split rule (csmf_tf/data/splits.py; older results do not record it).
+_SPLIT_LABELS = {"time": "global time cut-offs", "user": "per-pair hash",
+                 "user_time": "each user's own latest pairs"}
+
+
 def _cell(summary: dict | None, precision: int = 4) -> str:
     if not summary:
         return "-"
@@ -316,6 +321,15 @@ def findings(result: dict, k: int = 50) -> list[str]:
     return lines
 
 
+def _head_weighting_note(result: dict) -> str:
+    """Which methods also tuned a head loss weighting (csmf_tf/models/multitask.py), if any did."""
+    tuned = [m["label"] for m in result["methods"].values() if any("heads=" in k for k in m["tuning"])]
+    if not tuned:
+        return ""
+    return (f" ({', '.join(tuned)} also try each head loss weighting at every point: equal, or proportional "
+            "to the objective's training positives; a larger budget than the other methods get)")
+
+
 def _load_note(result: dict) -> str:
     """The 1-minute load average at start and end: wall time is only comparable on an idle machine."""
     load = result.get("load_average")
@@ -348,7 +362,8 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
              "## Data", "",
              f"{data['rows']:,} rows, {data['users']:,} users, {data['items']:,} items; positives per objective: "
              + ", ".join(f"{o} {n:,}" for o, n in data["positives"].items())
-             + f". Split train/val/test = {data['split'][0]:,}/{data['split'][1]:,}/{data['split'][2]:,} rows; "
+             + ". Split" + (f" ({_SPLIT_LABELS[data['split_method']]})" if "split_method" in data else "")
+             + f" train/val/test = {data['split'][0]:,}/{data['split'][1]:,}/{data['split'][2]:,} rows; "
              "test users with a positive: " + ", ".join(f"{o} {n:,}" for o, n in data["test_users"].items()) + ".",
              "",
              "## Protocol", "",
@@ -365,7 +380,8 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
              f"{tuple(base['fusion_weights'])}. MMoE: {result['num_experts']} experts.",
              "- Tuning budget (the same for every trained method): grid "
              + ", ".join(f"(lr {h['learning_rate']:g}, T {h['temperature']:g})" for h in budget["grid"])
-             + f" on seed {budget['seeds'][0]}; the point with the best validation Recall@50 (mean over the "
+             + f" on seed {budget['seeds'][0]}" + _head_weighting_note(result)
+             + "; the point with the best validation Recall@50 (mean over the "
              "objectives the method serves; a single-objective tower: its own objective) is chosen; the test "
              "split is evaluated once with it. Seeds " + ", ".join(str(s) for s in budget["seeds"])
              + " retrain the chosen point; tables show mean ± sample std over seeds.",

@@ -4,7 +4,8 @@ Protocol (documented in docs/experiments.md):
 
 1. **Tuning** on the first seed: every trained method gets the same grid (``Budget.grid``, learning
    rate x temperature) and picks the point with the best validation Recall@50, averaged over the
-   objectives it serves (a single-objective tower: its own objective). Popularity has no knobs.
+   objectives it serves (a single-objective tower: its own objective). Popularity has no knobs; the
+   multi-head baselines also try each loss weighting at every grid point (``Method.points``).
    ``separate`` combines the single-objective towers, each at its own chosen point.
 2. **Test**: each method's chosen run is evaluated on the test split, once.
 3. **Seeds**: the chosen point is retrained with the other seeds and evaluated on test; every
@@ -154,12 +155,14 @@ class Runner:
             for method in trained_methods:
                 if not method.tuned and index > 0:
                     continue
-                trained = self._train(method, hp, first)
-                val = evaluate_vectors(self._scored(method, trained), self.ctx.data.validation, ks=(50,))["stage"]
-                score = mean_metric(val, self._select_on(method))
-                tuning[method.name][hp.key] = score
-                if method.name not in best or score > best[method.name][0]:
-                    best[method.name] = (score, hp, trained)
+                for point in method.points(hp):
+                    trained = self._train(method, point, first)
+                    val = evaluate_vectors(self._scored(method, trained), self.ctx.data.validation,
+                                           ks=(50,))["stage"]
+                    score = mean_metric(val, self._select_on(method))
+                    tuning[method.name][point.key] = score
+                    if method.name not in best or score > best[method.name][0]:
+                        best[method.name] = (score, point, trained)
         chosen = {name: hp for name, (_, hp, _) in best.items()}
         self._drop_unchosen_runs(chosen, first)
 

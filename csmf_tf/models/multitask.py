@@ -17,7 +17,15 @@ stage 1, i.e. ordinary layers) so the embeddings, feature handling and MLP sizes
 Training (:class:`MultiVectorTwoTower`): one ``tfrs.tasks.Retrieval`` per objective (in-batch softmax,
 temperature, log-Q correction, accidental-hit removal: the cascade's loss with ``eta = 0``). Each step
 reads one batch of every objective's positives, from the same ``tf.data`` pipeline as the cascade
-(:func:`multitask_dataset`), and minimises ``sum_t L_t``.
+(:func:`multitask_dataset`), and minimises ``sum_t w_t L_t``. The head weights (:func:`head_loss_weights`):
+
+- ``"equal"``: ``w_t = 1``. A step then takes as many positives of every objective, so an objective
+  with 10 % of the exposures' positives sees each of them 10 times per epoch: its head overfits
+  while the shared layers are still learning exposure.
+- ``"proportional"``: ``w_t = n_t / max_s n_s`` (``n_t``: training positives of ``t``). Every positive
+  weighs the same in an epoch, whatever its objective, as if each were sampled once.
+
+The experiments tune the choice on validation (:mod:`csmf_tf.experiments.methods`).
 """
 from __future__ import annotations
 
@@ -35,6 +43,9 @@ from csmf_tf.models.towers import MaskedTower, TowerConfig, build_tower
 from csmf_tf.tasks.aml import hit_keys
 
 keras = tf.keras
+
+EQUAL, PROPORTIONAL = "equal", "proportional"
+HEAD_WEIGHTINGS = (EQUAL, PROPORTIONAL)
 
 SHARED_BOTTOM = "shared_bottom"
 MMOE = "mmoe"
@@ -103,6 +114,16 @@ def build_multitask_towers(architecture: str, users: Catalog, items: Catalog, fe
     return towers[0], towers[1]
 
 
+def head_loss_weights(train: InteractionTable, objectives: Sequence[str], weighting: str) -> tuple[float, ...]:
+    """``w_t`` of every objective under ``weighting`` (see the module docstring)."""
+    if weighting == EQUAL:
+        return (1.0,) * len(objectives)
+    if weighting == PROPORTIONAL:
+        counts = np.array([train.positives(o).sum() for o in objectives], np.float64)
+        return tuple(float(c) for c in counts / counts.max())
+    raise ValueError(f"head weighting must be one of {HEAD_WEIGHTINGS}, got {weighting!r}")
+
+
 def prefixed(objective: str, key: str) -> str:
     return f"{objective}/{key}"
 
@@ -136,14 +157,21 @@ class MultiVectorTwoTower(tfrs.Model):
       user_model, item_model: ``{features} -> [B, S, D]`` (:func:`build_multitask_towers`).
       objectives: the ``S`` objective names, in the order of the towers' output vectors.
       temperature, remove_accidental_hits: of every ``tfrs.tasks.Retrieval``.
+      loss_weights: ``w_t`` per objective (default all 1).
 
-    ``compute_loss`` expects :func:`multitask_dataset` batches and returns ``sum_t L_t`` where ``L_t``
+    ``compute_loss`` expects :func:`multitask_dataset` batches and returns ``sum_t w_t L_t`` where ``L_t``
     is objective ``t``'s in-batch softmax loss on its own batch, scored with output vector ``t``.
     """
 
     def __init__(self, user_model: keras.Model, item_model: keras.Model, objectives: Sequence[str],
-                 temperature: float = 0.05, remove_accidental_hits: bool = True):
+                 temperature: float = 0.05, remove_accidental_hits: bool = True,
+                 loss_weights: Sequence[float] | None = None):
         super().__init__()
+        self.loss_weights = tuple(float(w) for w in ((1.0,) * len(objectives) if loss_weights is None
+                                                     else loss_weights))
+        if len(self.loss_weights) != len(objectives) or min(self.loss_weights) < 0:
+            raise ValueError(f"loss_weights must be {len(objectives)} non-negative numbers (one per objective "
+                             f"{tuple(objectives)}), got {loss_weights}")
         self.user_model, self.item_model = user_model, item_model
         self.objectives = tuple(objectives)
         if user_model.output_shape[1] != len(self.objectives) or item_model.output_shape[1] != len(self.objectives):
@@ -164,7 +192,7 @@ class MultiVectorTwoTower(tfrs.Model):
                                     training=training)[:, t]
             candidates = self.item_model({k: features[prefixed(objective, k)] for k in self.item_inputs},
                                          training=training)[:, t]
-            losses.append(self.tasks[t](
+            losses.append(self.loss_weights[t] * self.tasks[t](
                 query, candidates,
                 candidate_sampling_probability=features[prefixed(objective, SAMPLING_PROBABILITY)],
                 candidate_ids=hit_keys(features[prefixed(objective, ITEM_ID)]), compute_metrics=False))
@@ -179,5 +207,6 @@ class MultiVectorTwoTower(tfrs.Model):
         return _predict(self.item_model, {k: inputs[k] for k in self.item_inputs}, batch_size)
 
 
-__all__ = ["SHARED_BOTTOM", "MMOE", "ARCHITECTURES", "build_multitask_towers", "shared_bottom_tower",
-           "mmoe_tower", "multitask_dataset", "MultiVectorTwoTower"]
+__all__ = ["SHARED_BOTTOM", "MMOE", "ARCHITECTURES", "EQUAL", "PROPORTIONAL", "HEAD_WEIGHTINGS",
+           "build_multitask_towers", "shared_bottom_tower", "mmoe_tower", "head_loss_weights", "multitask_dataset",
+           "MultiVectorTwoTower"]
