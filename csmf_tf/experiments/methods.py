@@ -34,7 +34,7 @@ import numpy as np
 from csmf_tf.data.table import InteractionTable
 from csmf_tf.data.tfdata import make_objective_dataset
 from csmf_tf.metrics.vectors import ScoringVectors, combine, evaluate_vectors, popularity_scoring
-from csmf_tf.models.multitask import (EQUAL, HEAD_WEIGHTINGS, MMOE, SHARED_BOTTOM, MultiVectorTwoTower,
+from csmf_tf.models.multitask import (HEAD_WEIGHTINGS, MMOE, SHARED_BOTTOM, MultiVectorTwoTower,
                                       build_multitask_towers, head_loss_weights, multitask_dataset)
 from csmf_tf.training.evaluation import cascade_vectors, count_parameters, multivector_vectors
 from csmf_tf.training.fit import ValidationRecall, fit_until_best
@@ -47,15 +47,16 @@ BASELINE, CSMF, ABLATION = "baseline", "csmf", "ablation"
 @dataclasses.dataclass(frozen=True)
 class HyperParams:
     """One point of the tuning grid (the same grid for every trained method), plus the knob only the
-    multi-head baselines have: their loss weighting (:data:`HEAD_WEIGHTINGS`, ``None`` for the rest)."""
+    multi-head baselines have: their later objectives' loss weight (:data:`HEAD_WEIGHTINGS`, ``None`` for
+    the rest)."""
 
     learning_rate: float
     temperature: float
-    head_weighting: str | None = None
+    head_weighting: float | None = None
 
     @property
     def key(self) -> str:
-        heads = f",heads={self.head_weighting}" if self.head_weighting else ""
+        heads = f",heads={self.head_weighting:g}" if self.head_weighting is not None else ""
         return f"lr={self.learning_rate:g},T={self.temperature:g}{heads}"
 
 
@@ -254,7 +255,7 @@ def train_multitask(architecture: str) -> TrainFn:
         config = ctx.config(hp, seed)
         user, item = build_multitask_towers(architecture, ctx.data.users, ctx.data.items, ctx.feature_kinds,
                                             config.tower, len(ctx.objectives), ctx.num_experts, seed=seed)
-        weights = head_loss_weights(ctx.data.train, ctx.objectives, hp.head_weighting or EQUAL)
+        weights = head_loss_weights(ctx.objectives, 1.0 if hp.head_weighting is None else hp.head_weighting)
         model = MultiVectorTwoTower(user, item, ctx.objectives, temperature=config.temperature,
                                     remove_accidental_hits=config.remove_accidental_hits, loss_weights=weights)
         dataset = multitask_dataset(ctx.data.train, ctx.objectives, config.batch_size, ctx.data.items, seed=seed)

@@ -326,8 +326,10 @@ def _head_weighting_note(result: dict) -> str:
     tuned = [m["label"] for m in result["methods"].values() if any("heads=" in k for k in m["tuning"])]
     if not tuned:
         return ""
-    return (f" ({', '.join(tuned)} also try each head loss weighting at every point: equal, or proportional "
-            "to the objective's training positives; a larger budget than the other methods get)")
+    values = sorted({k.split("heads=")[1] for m in result["methods"].values() for k in m["tuning"] if "heads=" in k},
+                    key=float, reverse=True)
+    return (f" ({', '.join(tuned)} also try the later objectives' loss weight {' / '.join(values)} at every "
+            "point, the first objective's being 1: a larger budget than the other methods get)")
 
 
 def _load_note(result: dict) -> str:
