@@ -1,9 +1,9 @@
 """Prepared data: the splits, catalogs and evaluation sets every training run and experiment reads.
 
 :func:`prepare` splits an in-memory table (:func:`csmf_tf.data.splits.split_table`; by default a time
-split when it has timestamps, else a per-user pair split), builds the user and item catalogs over every id, and the validation and test evaluation sets
-under the protocol of :mod:`csmf_tf.metrics.protocol`. :func:`prepare_streaming` does the same when the
-training rows stay in TFRecord shards.
+split when it has timestamps, else a per-user pair split), builds the user and item catalogs over every
+id, and the validation and test evaluation sets under the protocol of :mod:`csmf_tf.metrics.protocol`.
+:func:`prepare_streaming` does the same when the training rows stay in TFRecord shards.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class PreparedData:
     items: Catalog
     validation: EvaluationData
     testing: EvaluationData
-    split: str = "time"     # the split rule that made train/val/test (never "auto")
+    split: str             # the split rule that made train/val/test (never "auto")
 
 
 def prepare(table: InteractionTable, seed: int = 0, exclusion: str = SEEN, split: str = "auto") -> PreparedData:

@@ -184,7 +184,7 @@ class Method:
     method, the methods whose selected runs it combines (objective ``t`` from ``parts[t]``);
     ``prior``: scored with the popularity prior (:mod:`csmf_tf.metrics.prior`) when the budget turns
     it on; ``same_runs_as``: a row scored from another method's runs (e.g. without the prior);
-    ``head_weightings``: the multi-head loss weightings tuned beside every grid point (:meth:`points`).
+    ``head_weightings``: the later heads' loss weights tuned beside every grid point (:meth:`points`).
     """
 
     name: str
@@ -197,7 +197,7 @@ class Method:
     description: str = ""
     prior: bool = True
     same_runs_as: str | None = None
-    head_weightings: tuple[str, ...] = ()
+    head_weightings: tuple[float, ...] = ()
 
     def points(self, hp: HyperParams) -> list[HyperParams]:
         """What the method trains at grid point ``hp``: ``hp`` itself, or ``hp`` with each of its head

@@ -364,7 +364,8 @@ def markdown(result: dict, images: dict[str, Path | None]) -> str:
              "## Data", "",
              f"{data['rows']:,} rows, {data['users']:,} users, {data['items']:,} items; positives per objective: "
              + ", ".join(f"{o} {n:,}" for o, n in data["positives"].items())
-             + ". Split" + (f" ({_SPLIT_LABELS[data['split_method']]})" if "split_method" in data else "")
+             + ". Split" + (f" ({_SPLIT_LABELS.get(data['split_method'], data['split_method'])})"
+                            if "split_method" in data else "")
              + f" train/val/test = {data['split'][0]:,}/{data['split'][1]:,}/{data['split'][2]:,} rows; "
              "test users with a positive: " + ", ".join(f"{o} {n:,}" for o, n in data["test_users"].items()) + ".",
              "",
