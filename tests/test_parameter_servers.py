@@ -6,8 +6,8 @@ on them (row writes, the per-shard masking op, gradient masks, column-owned stag
 parameter servers and two workers are ``python -m pipelines.train_cascade --parameter-servers``
 processes with their own ``TF_CONFIG`` (the command a real deployment runs on every task), and the
 coordinator is the same command as the chief. One cluster serves them all, one coordinator after
-another as on long-lived workers (two small lookup coordinators, then a training run per test); a
-single-process run of the same command is the reference.
+another as on long-lived workers (two small lookup coordinators, then a training run per test); one-process
+runs of the same command at three seeds are the reference.
 """
 import json
 import os
@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -207,13 +208,35 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("parameter_servers")
 
 
+#: One process is the reference at these seeds: this small setting's seed noise is larger than the 0.1
+#: tolerance (README, "Parameter servers and the click check"), so one seed alone is not "one process".
+REFERENCE_SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
 def reference(workdir):
-    """The same command in one process: started first, waited for when a test needs its results."""
-    process = _start(COMMAND + ["--out", str(workdir / "single")], workdir / "single.log", None, None)
-    yield lambda: _finished(process, workdir / "single")
-    if process.poll() is None:
-        process.kill()
+    """The same command in one process at :data:`REFERENCE_SEEDS`: the runs start at once, one after
+    another in a background thread (one core's worth), and are waited for when a test needs them."""
+    outs = [workdir / f"single_{seed}" for seed in REFERENCE_SEEDS]
+    running: list[subprocess.Popen] = []
+
+    def run_all() -> None:
+        for seed, out in zip(REFERENCE_SEEDS, outs):
+            running.append(_start(COMMAND + ["--seed", str(seed), "--out", str(out)], out.with_suffix(".log"),
+                                  None, None))
+            running[-1].wait(RUN_S)
+
+    thread = threading.Thread(target=run_all, daemon=True)
+    thread.start()
+
+    def results() -> list[dict]:
+        thread.join(RUN_S * len(outs))
+        assert len(running) == len(outs), "the one-process reference runs did not all start"
+        return [_finished(process, out) for process, out in zip(running, outs)]
+    yield results
+    for process in running:
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -238,15 +261,15 @@ def _finished(process: subprocess.Popen, out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _check_run(out: Path, results: dict, reference: dict, data) -> None:
+def _check_run(out: Path, results: dict, reference: list[dict], data) -> None:
     """Stage 1 bit-identical after stage 2, the checkpoints hold the sharded model exactly, and the
     metrics are within 0.1 Recall@50 of one process.
 
-    One outcome is marked as an expected failure, exactly (README, "Training at scale"): a click more
-    than 0.1 *below* the one-process run. The reference is seed 0 of one process, and this small setting's
-    seed noise is larger than the tolerance: one process alone gives click 0.616 / 0.520 / 0.518 / 0.478 /
-    0.598 with seeds 0-4 at 4 epochs, and the cluster runs measured 0.461-0.524 (2026-12-02). Everything
-    else, exposure's 0.1 tolerance and a click *above* one process by 0.1 included, fails."""
+    "One process" is its runs at :data:`REFERENCE_SEEDS`, and the cluster run must be within 0.1 of at
+    least one of them (inside their range widened by 0.1 each side). An asynchronous cluster run is
+    one more draw of the training noise, and in this small setting that noise is larger than the
+    tolerance: one process alone gave click 0.616 / 0.520 / 0.518 / 0.478 / 0.598 with seeds 0-4 at 4
+    epochs (2026-12-02), so a comparison with seed 0 alone failed runs that were inside that spread."""
     config = TrainingConfig.from_json(json.loads((out / "stage_2" / "config.json").read_text()))
 
     def load(stage):
@@ -268,15 +291,13 @@ def _check_run(out: Path, results: dict, reference: dict, data) -> None:
                                 ks=(20, 50, 100, 200))["stage"]
     for key, value in results["without_prior"]["stage"].items():
         assert rescored[key] == pytest.approx(value, abs=1e-6), key
-    for key in ("exposure/recall@50", "click/recall@50"):
-        gap = abs(results["stage"][key] - reference["stage"][key])
-        if gap >= 0.1 and key == "click/recall@50" and results["stage"][key] < reference["stage"][key]:
-            fit = json.loads((out / "stage_2" / "metrics.json").read_text())["train"]
-            pytest.xfail(f"click below seed 0 of one process by more than this setting's seed noise "
-                         f"allows: click "
-                         f"{results['stage'][key]:.3f} vs {reference['stage'][key]:.3f} in one process "
-                         f"(validation {fit['start_val_recall@50']:.3f} -> {fit['val_recall@50']})")
-        assert gap < 0.1, (key, results["stage"][key], reference["stage"][key])
+    # With the popularity prior (what the run reports) and without it (the towers alone).
+    for scores in ("stage", "without_prior"):
+        for key in ("exposure/recall@50", "click/recall@50"):
+            got = results[scores] if scores == "stage" else results[scores]["stage"]
+            one_process = [(run[scores] if scores == "stage" else run[scores]["stage"])[key] for run in reference]
+            gap = min(abs(got[key] - value) for value in one_process)
+            assert gap < 0.1, (scores, key, got[key], "one process at seeds", REFERENCE_SEEDS, one_process)
 
 
 #: A coordinator that builds a tower's id lookup (``csmf_tf.layers.lookup``) in the strategy's scope, as
