@@ -22,9 +22,18 @@ runs with Prometheus metrics on (as a monitored production server would); its ba
 gives the rows per graph run it really formed (``served_batch_mean``, warm-up included), and
 ``share_of_bound_at_served_batch`` reads the QPS against the bound with the graph ceiling at that
 batch (interpolated between the measured batch sizes): how much of the gap is batches that are
-smaller than ``min(c, max_batch_size)``, and how much is per-request work. With
-``--profile`` the model server is sampled by ``py-spy`` during the highest concurrency level and the
-functions that took the server's time are written to the JSON (``profile``).
+smaller than ``min(c, max_batch_size)``, and how much is per-request work. The same
+Prometheus page splits each model request's mean latency: ``server_ms`` (the RPC handler, from the
+request histogram), of which ``queue_wait_ms`` (waiting in the batching queue) and ``graph_run_ms``
+(the graph run of its batch), and ``outside_server_ms`` (the client's mean latency minus
+``server_ms``: both gRPC stacks and event loops, and the wire). With ``--profile`` the model server is
+sampled by ``py-spy`` during the highest concurrency level of the last round and the functions that
+took the server's time are written to the JSON (``profile``).
+
+Both servers run side by side and the levels alternate between them, ``--rounds`` times (default 3):
+on a shared machine the QPS of one command moves by 20-30 % between runs, so every number is the
+median over the rounds and ``share_of_bound`` is the median of each round's own share (``runs``; every
+round's rows are in ``round_runs``).
 
     python benchmarks/bench_grpc.py --num_items 1000000 --export_dir /tmp/bench_1m   # keeps the export
     python benchmarks/bench_grpc.py --profile                     # + py-spy profile of the server at c=32
@@ -162,29 +171,47 @@ def _spawn(argv: list[str], port_file: Path) -> tuple[subprocess.Popen, dict]:
     return proc, json.loads(port_file.read_text())
 
 
-def batch_totals(rest_port: int | None) -> tuple[float, float] | None:
-    """``(rows, graph runs)`` so far, from the model server's ``csmf_serving_batch_size`` histogram."""
+#: The model server's histograms read around every load level: ``(metric, label filter)``.
+SERVER_HISTOGRAMS = {"rows": ("csmf_serving_batch_size", {}),
+                     "graph_run": ("csmf_serving_batch_run_seconds", {}),
+                     "queue_wait": ("csmf_serving_batch_queue_wait_seconds", {}),
+                     "request": ("csmf_serving_request_latency_seconds", {"api": "grpc", "method": "Predict"})}
+
+
+def histogram_totals(rest_port: int | None) -> dict[str, tuple[float, float]] | None:
+    """``{key: (sum, count)}`` so far of the model server's :data:`SERVER_HISTOGRAMS` (its Prometheus page)."""
     if not rest_port:
         return None
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}{METRICS_PATH}", timeout=10) as response:
         text = response.read().decode()
-    totals = {"_sum": 0.0, "_count": 0.0}
+    totals = {key: [0.0, 0.0] for key in SERVER_HISTOGRAMS}
     for family in text_string_to_metric_families(text):
-        if family.name == "csmf_serving_batch_size":
+        for key, (name, labels) in SERVER_HISTOGRAMS.items():
+            if family.name != name:
+                continue
             for sample in family.samples:
-                for suffix in totals:
-                    if sample.name.endswith(suffix):
-                        totals[suffix] += sample.value
-    return totals["_sum"], totals["_count"]
+                if any(sample.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                if sample.name.endswith("_sum"):
+                    totals[key][0] += sample.value
+                elif sample.name.endswith("_count"):
+                    totals[key][1] += sample.value
+    return {key: (total, count) for key, (total, count) in totals.items()}
 
 
-def served_batch_mean(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
-    """Mean rows per graph run between two :func:`batch_totals` readings."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+def server_breakdown(before: dict | None, after: dict | None) -> dict:
+    """Where a request's time went in the server between two :func:`histogram_totals` readings (warm-up
+    included): rows per graph run, and the mean milliseconds of a request in the server
+    (``server_ms``: from the RPC handler's start to its answer), of its wait in the batching queue, and
+    of a graph run."""
+    def mean(key: str, scale: float) -> float | None:
+        if before is None or after is None or after[key][1] <= before[key][1]:
+            return None
+        return scale * (after[key][0] - before[key][0]) / (after[key][1] - before[key][1])
+    return {"served_batch_mean": mean("rows", 1.0), "server_ms": mean("request", 1e3),
+            "queue_wait_ms": mean("queue_wait", 1e3), "graph_run_ms": mean("graph_run", 1e3)}
 
 
 def serve_fixed_response(port_file: Path, k: int) -> None:
@@ -432,6 +459,69 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def measure_level(args: argparse.Namespace, label: str, mode: str, proc: subprocess.Popen, ports: dict,
+                  users: dict, objectives: int, concurrency: int, profiles: dict | None, workdir: Path) -> dict:
+    """One load level against one server; for the model server also :func:`server_breakdown`, and with
+    ``--profile`` (when ``profiles`` is given) a py-spy profile at the highest concurrency."""
+    spy = None
+    if profiles is not None and args.profile and label != FIXED and concurrency == max(args.concurrency):
+        spy = start_profile(proc.pid, args.warmup + args.duration, workdir / f"profile-{mode}.txt")
+    before = histogram_totals(ports.get("rest_port")) if label != FIXED else None
+    r = run_load(f"127.0.0.1:{ports['grpc_port']}", args.model_name, users, concurrency, args.duration, args.warmup,
+                 args.k, args.timeout, objectives)
+    if label != FIXED:
+        r.update(server_breakdown(before, histogram_totals(ports.get("rest_port"))))
+        if r["server_ms"] is not None and r["mean_ms"] is not None:
+            # The rest of the client's latency: both gRPC stacks, both event loops, the wire.
+            r["outside_server_ms"] = r["mean_ms"] - r["server_ms"]
+    if spy is not None:
+        code = spy.wait(timeout=60)
+        raw = workdir / f"profile-{mode}.txt"
+        profiles[label] = (summarise_profile(raw) if raw.exists() else
+                           {"samples": 0, "error": f"py-spy exited with {code} and wrote no profile: "
+                                                   + raw.with_suffix(".err").read_text()[-500:]})
+    r.update(server=label, batching=mode)
+    print(f"{label:>30}, concurrency {concurrency:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
+          f"p99 {_ms(r['p99_ms'])} ms  errors {r['errors']}"
+          + (f"  share of bound {r['share_of_bound']:.2f}" if r.get("share_of_bound") else ""), flush=True)
+    return r
+
+
+def summarise_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (server, concurrency): the median over rounds of every number (errors: the sum).
+
+    The shares of the bound are medians of each round's own share, read against the transport
+    ceiling measured minutes apart in the same round: on a shared machine the QPS of the same
+    command moves by 20-30 % between runs, and pairing cancels the drift both servers see.
+    """
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for round_runs in rounds:
+        for r in round_runs:
+            rows.setdefault((r["server"], r["concurrency"]), []).append(r)
+    out = []
+    for (server, concurrency), runs in rows.items():
+        row = {"server": server, "concurrency": concurrency, "batching": runs[0]["batching"], "rounds": len(runs),
+               "errors": sum(r["errors"] for r in runs), "qps_rounds": [r["qps"] for r in runs]}
+        for key, value in runs[0].items():
+            if key in row or key == "round" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            values = [r[key] for r in runs if r.get(key) is not None]
+            row[key] = float(np.median(values)) if values else None
+        for key in ("share_of_bound", "bound_qps", "transport_qps", "graph_ceiling_qps", "share_of_bound_at_served_batch",
+                    "bound_at_served_batch_qps", "graph_ceiling_at_served_batch_qps", "outside_server_ms"):
+            if key not in row:
+                values = [r[key] for r in runs if r.get(key) is not None]
+                row[key] = float(np.median(values)) if values else None
+        if row.get("share_of_bound") is not None:
+            row["share_of_bound_rounds"] = [r.get("share_of_bound") for r in runs]
+        row["errors_by_code"] = {}
+        for r in runs:
+            for code, n in r.get("errors_by_code", {}).items():
+                row["errors_by_code"][code] = row["errors_by_code"].get(code, 0) + n
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the JSON-able results."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -453,6 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every (server, concurrency) this many times, alternating the servers; report medians")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--batching", nargs="+", choices=["on", "off"], default=["on"],
@@ -495,41 +587,34 @@ def main(argv: list[str] | None = None) -> dict:
                 ceilings.append(graph_ceiling(exported, users, batch, args.k))
                 print(f"served graph in-process, batch {batch:>3}: {ceilings[-1]['ms_per_query']:.3f} ms/query "
                       f"(ceiling {ceilings[-1]['qps_ceiling']:,.0f} QPS)", flush=True)
-        runs = []
+        rounds: list[list[dict]] = []
         codes = []
         profiles: dict[str, dict] = {}
         servers = [(f"model (batching {mode})", mode, lambda mode=mode: start_server(model_dir, args, workdir, mode == "on"))
                    for mode in args.batching]
         if args.transport_baseline:
             servers.append((FIXED, "n/a", lambda: start_fixed_response_server(args, workdir)))
-        for label, mode, start in servers:
-            proc, ports = start()
-            target = f"127.0.0.1:{ports['grpc_port']}"
-            try:
+        started: list[tuple[str, str, subprocess.Popen, dict]] = []
+        try:
+            for label, mode, start in servers:     # all up at once; only the one under load is busy
+                started.append((label, mode, *start()))
+            for round_index in range(args.rounds):
+                round_runs: list[dict] = []
                 for c in args.concurrency:
-                    spy = None
-                    if args.profile and label != FIXED and c == max(args.concurrency):
-                        spy = start_profile(proc.pid, args.warmup + args.duration, workdir / f"profile-{mode}.txt")
-                    before = batch_totals(ports.get("rest_port")) if label != FIXED else None
-                    r = run_load(target, args.model_name, users, c, args.duration, args.warmup, args.k, args.timeout,
-                                 objectives)
-                    if label != FIXED:   # warm-up included: the histogram counts every graph run
-                        r["served_batch_mean"] = served_batch_mean(before, batch_totals(ports.get("rest_port")))
-                    if spy is not None:
-                        code = spy.wait(timeout=60)
-                        raw = workdir / f"profile-{mode}.txt"
-                        profiles[label] = (summarise_profile(raw) if raw.exists() else
-                                           {"samples": 0, "error": f"py-spy exited with {code} and wrote no profile: "
-                                                                   + raw.with_suffix(".err").read_text()[-500:]})
-                    r.update(server=label, batching=mode)
-                    runs.append(r)
-                    print(f"{label:>30}, concurrency {c:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
-                          f"p99 {_ms(r['p99_ms'])} ms  errors {r['errors']}", flush=True)
-            finally:
+                    for label, mode, proc, ports in started:
+                        round_runs.append(measure_level(args, label, mode, proc, ports, users, objectives, c,
+                                                        profiles if round_index == args.rounds - 1 else None, workdir))
+                add_bound_shares(round_runs, ceilings, args.max_batch_size)
+                for r in round_runs:
+                    r["round"] = round_index
+                rounds.append(round_runs)
+        finally:
+            for label, _, proc, _ in started:
                 proc.terminate()                      # SIGTERM: the model server drains and exits 0
                 code = proc.wait(timeout=120)
                 if label != FIXED:
                     codes.append(code)
+        runs = summarise_rounds(rounds)
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average_at_end": os.getloadavg()[0]},
                "graph_ceiling": ceilings, "served_recall_at_100": recall,
@@ -539,24 +624,33 @@ def main(argv: list[str] | None = None) -> dict:
                "num_items": exported_items,
                "index": index,
                "k": args.k, "max_batch_size": args.max_batch_size,
-               "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "runs": runs,
+               "batch_timeout_micros": args.batch_timeout_micros, "server_exit_codes": codes, "rounds": args.rounds,
+               "runs": runs, "round_runs": [r for round_runs in rounds for r in round_runs],
                "profile": profiles}
-    add_bound_shares(runs, ceilings, args.max_batch_size)
     top = max(args.concurrency)
     at_top = [r for r in runs if r["server"] != FIXED and r["concurrency"] == top]
     results["target"] = {"concurrency": top, "min_share_of_bound": 0.9,
                          "met": bool(at_top) and all((r["share_of_bound"] or 0) >= 0.9 and r["errors"] == 0
                                                      for r in at_top)}
+    def fmt(v, spec=".1f"):
+        return "n/a" if v is None else format(v, spec)
+    print(f"\nmedians over {args.rounds} rounds (servers alternating)")
     print("\n| server | concurrency | QPS | graph ceiling QPS | transport QPS | harmonic bound | share of bound "
-          "| served batch | share of bound at served batch | p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| served batch | share of bound at served batch | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        def fmt(v, spec=".1f"):
-            return "n/a" if v is None else format(v, spec)
         print(f"| {r['server']} | {r['concurrency']} | {r['qps']:.1f} | {fmt(r.get('graph_ceiling_qps'))} "
               f"| {fmt(r.get('transport_qps'))} | {fmt(r.get('bound_qps'))} | {fmt(r.get('share_of_bound'), '.2f')} "
               f"| {fmt(r.get('served_batch_mean'))} | {fmt(r.get('share_of_bound_at_served_batch'), '.2f')} "
-              f"| {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |")
+              f"| {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {r['errors']} |")
+    print("\nwhere a model request's mean latency went (ms): in the server (of which: waiting for a batch, "
+          "the graph run of its batch) and outside it")
+    print("\n| concurrency | client mean | in the server | batch queue wait | graph run | outside the server |")
+    print("|---|---|---|---|---|---|")
+    for r in runs:
+        if r["server"] != FIXED:
+            print(f"| {r['concurrency']} | {_ms(r['mean_ms'])} | {_ms(r.get('server_ms'))} | "
+                  f"{_ms(r.get('queue_wait_ms'))} | {_ms(r.get('graph_run_ms'))} | {_ms(r.get('outside_server_ms'))} |")
     print(f"target (share of bound >= 0.9 at concurrency {top}, no errors): "
           f"{'met' if results['target']['met'] else 'NOT met'}")
     for label, prof in profiles.items():

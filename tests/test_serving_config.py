@@ -252,6 +252,18 @@ def test_prometheus_metrics_move_with_real_grpc_and_rest_traffic(two_models, tow
     assert moved(size + "_sum", model="beta", version="3") == 3 * rows
     assert 1 <= moved(size + "_count", model="beta", version="2") <= 8
     assert moved(size + "_sum", model="beta", version="2") == 8
+    # Every graph run is timed, and every request a batch took from the queue has its wait counted:
+    # gRPC requests always queue, a REST request that finds the batcher idle runs in its own thread.
+    run, wait = "csmf_serving_batch_run_seconds", "csmf_serving_batch_queue_wait_seconds"
+    for model, version in (("alpha", "1"), ("beta", "3"), ("beta", "2")):
+        assert moved(run + "_count", model=model, version=version) == moved(size + "_count", model=model,
+                                                                            version=version)
+        assert moved(run + "_sum", model=model, version=version) > 0
+    assert moved(wait + "_count", model="alpha", version="1") == 5
+    assert moved(wait + "_count", model="beta", version="2") == 8
+    assert moved(wait + "_count", model="beta", version="3") == 0
+    assert sample(after, wait + "_bucket", model="beta", version="2", le="+Inf") == \
+        sample(after, wait + "_count", model="beta", version="2")
     # Loaded versions and queue depths are read from what is served at scrape time.
     loaded = {dict(labels)["model"] + "/" + dict(labels)["version"]: value for (name, labels), value in after.items()
               if name == "csmf_serving_model_version_loaded"}

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 import grpc
 import numpy as np
@@ -64,7 +64,7 @@ class _Task:
     """One queued request. A blocking caller waits on ``future``; a coroutine on ``waiter``, an asyncio
     future of its own ``loop`` that only that loop's thread touches."""
 
-    __slots__ = ("inputs", "rows", "k", "key", "future", "deadline", "cancelled", "loop", "waiter")
+    __slots__ = ("inputs", "rows", "k", "key", "future", "deadline", "cancelled", "loop", "waiter", "queued_at")
 
     def __init__(self, inputs: dict[str, np.ndarray], rows: int, k: int | None, key: tuple,
                  deadline: float | None) -> None:
@@ -77,6 +77,7 @@ class _Task:
         self.cancelled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiter: asyncio.Future | None = None
+        self.queued_at: float | None = None     # monotonic time it entered the queue (None: run inline)
 
     def claim(self) -> bool:
         """Whether the batch should still run this request (its waiter has not given up)."""
@@ -106,6 +107,16 @@ def _expire(task: _Task) -> None:
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
+class BatchObserver(Protocol):
+    """Where a batcher reports what it does (:class:`csmf_tf.serving.monitoring.BatchMetrics`)."""
+
+    def ran(self, rows: int, seconds: float) -> None:
+        """One graph run of ``rows`` rows took ``seconds`` (wall time, failed runs included)."""
+
+    def waited(self, seconds: float) -> None:
+        """A request waited ``seconds`` in the queue before a batch took it."""
+
+
 class RetrievalBatcher:
     """Queue + batching threads in front of one loaded signature (see module docstring).
 
@@ -114,9 +125,9 @@ class RetrievalBatcher:
     """
 
     def __init__(self, run: RunFn, signature: SignatureInfo, options: BatchingOptions,
-                 name: str = "batcher", on_run: Callable[[int], None] | None = None) -> None:
+                 name: str = "batcher", observer: BatchObserver | None = None) -> None:
         self._run = run
-        self._on_run = on_run             # called with the rows of every graph run (metrics)
+        self._observer = observer         # metrics: every graph run and every queued request's wait
         self._sig = signature
         self._options = options
         self._queue: queue.Queue[_Task] = queue.Queue(maxsize=options.max_enqueued)
@@ -210,6 +221,7 @@ class RetrievalBatcher:
                 self._active -= 1
 
     def _enqueue(self, task: _Task) -> None:
+        task.queued_at = time.monotonic()
         try:
             self._queue.put_nowait(task)
         except queue.Full:
@@ -260,9 +272,8 @@ class RetrievalBatcher:
         inputs = dict(task.inputs)
         if task.k is not None:
             inputs[K_INPUT] = np.asarray(task.k, np.int32)
-        self._ran(task.rows)
         try:
-            return self._run(inputs)
+            return self._timed_run(inputs, task.rows)
         except tf.errors.OpError as e:
             raise from_tf_error(e) from None
 
@@ -274,6 +285,8 @@ class RetrievalBatcher:
             # caller's future can no longer be cancelled, so setting its result below cannot fail.
             if not t.claim():
                 continue
+            if self._observer is not None and t.queued_at is not None:
+                self._observer.waited(now - t.queued_at)
             if t.deadline is not None and now > t.deadline:
                 outcomes.append((t, None, ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                        "deadline exceeded before the batch ran")))
@@ -293,9 +306,8 @@ class RetrievalBatcher:
         ks = [t.k for t in live]
         if ks[0] is not None:
             inputs[K_INPUT] = np.asarray(max(ks), np.int32)
-        self._ran(sum(t.rows for t in live))
         try:
-            outputs = self._run(inputs)
+            outputs = self._timed_run(inputs, sum(t.rows for t in live))
         except Exception as e:  # noqa: BLE001 - isolate the culprit by re-running one by one
             log.debug("batch of %d failed (%s); re-running requests one by one", len(live), e)
             return [self._run_alone(t) for t in live]
@@ -345,9 +357,14 @@ class RetrievalBatcher:
             except RuntimeError:      # the loop is closed: nobody is waiting any more
                 pass
 
-    def _ran(self, rows: int) -> None:
-        if self._on_run is not None:
-            self._on_run(rows)
+    def _timed_run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """One graph run, reported to the observer with its rows and wall time (also when it fails)."""
+        started = time.perf_counter()
+        try:
+            return self._run(inputs)
+        finally:
+            if self._observer is not None:
+                self._observer.ran(rows, time.perf_counter() - started)
 
     @property
     def queue_depth(self) -> int:

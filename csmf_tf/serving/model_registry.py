@@ -75,10 +75,10 @@ class LoadedModel:
         self._metrics = metrics
         self.batcher: RetrievalBatcher | None = None
         if batching is not None and RETRIEVAL_SIGNATURE in self.signatures:
-            on_run = metrics.batch_size.labels(name, str(version)).observe if metrics is not None else None
             self.batcher = RetrievalBatcher(
                 lambda inputs: self.run(RETRIEVAL_SIGNATURE, inputs), self.signatures[RETRIEVAL_SIGNATURE],
-                batching, name=f"{name}-v{version}-batcher", on_run=on_run)
+                batching, name=f"{name}-v{version}-batcher",
+                observer=metrics.batching(name, version) if metrics is not None else None)
 
     def _model_info(self) -> ModelInfo | None:
         """What a CSMF export says about itself (objectives, ``k_max``); ``None`` for other SavedModels,

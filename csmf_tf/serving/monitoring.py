@@ -14,11 +14,17 @@ increment per request); the config only decides whether they are exposed.
 | ``csmf_serving_requests_total`` | counter | model, version, signature, api (grpc/rest), method, code |
 | ``csmf_serving_request_latency_seconds`` | histogram | model, api, method |
 | ``csmf_serving_batch_size`` | histogram: rows per graph run of the batching queue | model, version |
+| ``csmf_serving_batch_queue_wait_seconds`` | histogram: time a request waits in the queue before its batch runs | model, version |
+| ``csmf_serving_batch_run_seconds`` | histogram: wall time of each graph run of the batching queue | model, version |
 | ``csmf_serving_batch_queue_depth`` | gauge: requests waiting in the batching queue | model, version |
 | ``csmf_serving_model_version_loaded`` | gauge: 1 per version being served | model, version |
 | ``csmf_serving_model_load_failures_total`` | counter: versions refused (load or warm-up failed) | model |
 | ``csmf_serving_model_unload_failures_total`` | counter: versions whose batcher did not stop | model |
 | ``csmf_serving_config_reload_failures_total`` | counter: ``--model_config_file`` reloads refused | |
+
+The two batching histograms split a request's time in the server (``request_latency``) into waiting for
+a batch, the batch's graph run, and the rest (decoding, validation, encoding, the event loop): TF
+Serving's ``batching_session`` queuing-latency metric is the analogue of the first.
 
 ``code`` is the API's own status: the gRPC status name (``OK``, ``NOT_FOUND``, ...) for gRPC, the HTTP
 status (``200``, ``404``, ...) for REST. ``version`` and ``signature`` are those that answered (empty
@@ -134,6 +140,11 @@ class ServingMetrics:
                                          ["model", "api", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("csmf_serving_batch_size", "Rows per graph run of the batching queue",
                                     ["model", "version"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_queue_wait = Histogram("csmf_serving_batch_queue_wait_seconds", "Time a request waits in the "
+                                          "batching queue before its batch runs", ["model", "version"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_run = Histogram("csmf_serving_batch_run_seconds", "Wall time of each graph run of the batching "
+                                   "queue", ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.load_failures = Counter("csmf_serving_model_load_failures",
                                      "Versions refused because they failed to load or to warm up", ["model"],
                                      registry=r)
@@ -158,10 +169,32 @@ class ServingMetrics:
         self.requests.labels(model, "" if version is None else str(version), signature, api, method, code).inc()
         self.request_latency.labels(model, api, method).observe(seconds)
 
+    def batching(self, model: str, version: int) -> "BatchMetrics":
+        """What the batching queue of ``model``'s ``version`` reports into (its labelled histograms)."""
+        return BatchMetrics(self, model, version)
+
     def exposition(self) -> tuple[bytes, str]:
         """``(body, content type)`` of a Prometheus scrape."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-__all__ = ["DEFAULT_PROMETHEUS_PATH", "MonitoringConfig", "MonitoringConfigError", "ServingMetrics",
+class BatchMetrics:
+    """One served version's batching histograms; :class:`csmf_tf.serving.batching.RetrievalBatcher` calls
+    :meth:`ran` after every graph run and :meth:`waited` for every request a batch takes from the queue."""
+
+    def __init__(self, metrics: ServingMetrics, model: str, version: int) -> None:
+        labels = (model, str(version))
+        self._size = metrics.batch_size.labels(*labels)
+        self._run = metrics.batch_run.labels(*labels)
+        self._wait = metrics.batch_queue_wait.labels(*labels)
+
+    def ran(self, rows: int, seconds: float) -> None:
+        self._size.observe(rows)
+        self._run.observe(seconds)
+
+    def waited(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+
+__all__ = ["BatchMetrics", "DEFAULT_PROMETHEUS_PATH", "MonitoringConfig", "MonitoringConfigError", "ServingMetrics",
            "read_monitoring_config"]
