@@ -482,8 +482,7 @@ def measure_level(args: argparse.Namespace, label: str, mode: str, proc: subproc
                                                    + raw.with_suffix(".err").read_text()[-500:]})
     r.update(server=label, batching=mode)
     print(f"{label:>30}, concurrency {concurrency:>3}: {r['qps']:8.1f} QPS  p50 {_ms(r['p50_ms'])} ms  "
-          f"p99 {_ms(r['p99_ms'])} ms  errors {r['errors']}"
-          + (f"  share of bound {r['share_of_bound']:.2f}" if r.get("share_of_bound") else ""), flush=True)
+          f"p99 {_ms(r['p99_ms'])} ms  errors {r['errors']}", flush=True)
     return r
 
 
@@ -502,16 +501,10 @@ def summarise_rounds(rounds: list[list[dict]]) -> list[dict]:
     for (server, concurrency), runs in rows.items():
         row = {"server": server, "concurrency": concurrency, "batching": runs[0]["batching"], "rounds": len(runs),
                "errors": sum(r["errors"] for r in runs), "qps_rounds": [r["qps"] for r in runs]}
-        for key, value in runs[0].items():
-            if key in row or key == "round" or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            values = [r[key] for r in runs if r.get(key) is not None]
-            row[key] = float(np.median(values)) if values else None
-        for key in ("share_of_bound", "bound_qps", "transport_qps", "graph_ceiling_qps", "share_of_bound_at_served_batch",
-                    "bound_at_served_batch_qps", "graph_ceiling_at_served_batch_qps", "outside_server_ms"):
-            if key not in row:
-                values = [r[key] for r in runs if r.get(key) is not None]
-                row[key] = float(np.median(values)) if values else None
+        numbers = {key for r in runs for key, value in r.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)} - set(row) - {"round"}
+        for key in sorted(numbers):
+            row[key] = float(np.median([r[key] for r in runs if r.get(key) is not None]))
         if row.get("share_of_bound") is not None:
             row["share_of_bound_rounds"] = [r.get("share_of_bound") for r in runs]
         row["errors_by_code"] = {}

@@ -292,12 +292,12 @@ def _check_run(out: Path, results: dict, reference: list[dict], data) -> None:
     for key, value in results["without_prior"]["stage"].items():
         assert rescored[key] == pytest.approx(value, abs=1e-6), key
     # With the popularity prior (what the run reports) and without it (the towers alone).
-    for scores in ("stage", "without_prior"):
+    for scores, pick in (("with prior", lambda run: run["stage"]),
+                         ("without prior", lambda run: run["without_prior"]["stage"])):
         for key in ("exposure/recall@50", "click/recall@50"):
-            got = results[scores] if scores == "stage" else results[scores]["stage"]
-            one_process = [(run[scores] if scores == "stage" else run[scores]["stage"])[key] for run in reference]
-            gap = min(abs(got[key] - value) for value in one_process)
-            assert gap < 0.1, (scores, key, got[key], "one process at seeds", REFERENCE_SEEDS, one_process)
+            one_process = [pick(run)[key] for run in reference]
+            gap = min(abs(pick(results)[key] - value) for value in one_process)
+            assert gap < 0.1, (scores, key, pick(results)[key], "one process at seeds", REFERENCE_SEEDS, one_process)
 
 
 #: A coordinator that builds a tower's id lookup (``csmf_tf.layers.lookup``) in the strategy's scope, as
