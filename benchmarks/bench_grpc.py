@@ -11,7 +11,13 @@ generator here does not share its interpreter; every request goes through the st
 The same load generator then drives a fixed-response ``grpc.aio`` server (no decoding, no model) at
 the same concurrencies: the transport's own ceiling on this machine, measured in the same run, so
 the model server's QPS can be read as a share of what any Python gRPC front end could reach here.
-Client and servers share the machine's cores, as they would on a 2-core benchmark box.
+Client and servers share the machine's cores, as they would on a 2-core benchmark box. A third
+server is the model server itself with its retrieval graph replaced by a cached answer
+(:func:`serve_canned_graph`): the front end alone, every per-request step of the model server but
+the graph, so the gap to the bound splits into what the graph costs and what the requests cost.
+Every level also records the CPU the server and the load generator spent per answered request
+(``/proc`` and ``getrusage``): on shared cores QPS cannot exceed ``cores / (their sum)``
+(``cpu_bound_qps``), and ``cores_busy`` says how close to that the level ran.
 
 Each model run is read against the **harmonic bound** of the two ceilings at its concurrency ``c``:
 the served graph in-process at the batch the micro-batcher can form (``min(c, max_batch_size)``;
@@ -45,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -137,11 +144,12 @@ def export_trained(base: Path, args: argparse.Namespace) -> tuple[Path, dict]:
                   **{name: np.asarray(values) for name, values in catalog.features.items()}}
 
 
-def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batching: bool
-                 ) -> tuple[subprocess.Popen, dict]:
+def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batching: bool,
+                 canned_graph: bool = False) -> tuple[subprocess.Popen, dict]:
     """``python -m pipelines.serve`` on free ports for the model in ``model_dir`` (its version
     directories), with Prometheus metrics on its REST port (as a monitored production server runs);
-    returns the process and its ports."""
+    returns the process and its ports. ``canned_graph``: the same server with its retrieval graph
+    replaced by a cached answer (:func:`serve_canned_graph`)."""
     monitoring = workdir / "monitoring.config"
     monitoring.write_text(f'prometheus_config {{ enable: true, path: "{METRICS_PATH}" }}\n')
     cmd = ["-m", "pipelines.serve", "--model_base_path", str(model_dir), "--model_name",
@@ -151,7 +159,9 @@ def start_server(model_dir: Path, args: argparse.Namespace, workdir: Path, batch
            "--grpc_max_workers", str(max(32, 2 * max(args.concurrency)))]
     if not batching:
         cmd.append("--no-enable_batching")
-    return _spawn(cmd, workdir / f"ports-{batching}.json")
+    if canned_graph:
+        cmd[:2] = [str(Path(__file__).resolve()), CANNED_GRAPH_FLAG]
+    return _spawn(cmd, workdir / f"ports-{batching}-{canned_graph}.json")
 
 
 def start_fixed_response_server(args: argparse.Namespace, workdir: Path) -> tuple[subprocess.Popen, dict]:
@@ -224,7 +234,7 @@ def serve_fixed_response(port_file: Path, k: int) -> None:
     import asyncio
 
     from csmf_tf.serving.constants import OUTPUT_ITEM_IDS, OUTPUT_OBJECTIVE_SCORES, OUTPUT_SCORES
-    from csmf_tf.serving.grpc_codec import numpy_to_tensor_proto
+    from csmf_tf.serving.grpc_codec import fill_tensor_proto
 
     response = predict_pb2.PredictResponse()
     response.model_spec.name = "csmf"
@@ -234,7 +244,7 @@ def serve_fixed_response(port_file: Path, k: int) -> None:
                OUTPUT_SCORES: np.linspace(1, 0, k, dtype=np.float32)[None],
                OUTPUT_OBJECTIVE_SCORES: np.ones((1, k, 3), np.float32)}
     for name, value in outputs.items():
-        response.outputs[name].CopyFrom(numpy_to_tensor_proto(value))
+        fill_tensor_proto(response.outputs[name], value)
 
     class Fixed(prediction_service_pb2_grpc.PredictionServiceServicer):
         async def Predict(self, request, context):  # noqa: ANN001, ANN202, N802 - the proto's name
@@ -249,6 +259,47 @@ def serve_fixed_response(port_file: Path, k: int) -> None:
         await server.wait_for_termination()
 
     asyncio.run(serve())
+
+
+CANNED_GRAPH_FLAG = "--canned_graph_server"
+
+
+def use_cached_graph() -> None:
+    """From now on, every loaded model's ``serving_default`` answers with the first answer it gave for
+    that ``k`` (its first row, repeated for every row of the batch) instead of running its graph;
+    every other signature runs as usual. For :func:`serve_canned_graph` and ``bench_handler.py``."""
+    from csmf_tf.serving.constants import K_INPUT, RETRIEVAL_SIGNATURE
+    from csmf_tf.serving.model_registry import LoadedModel
+
+    graph_run = LoadedModel.run
+    answers: dict[tuple[int, int | None], dict[str, np.ndarray]] = {}
+
+    def cached_run(model: LoadedModel, signature_name: str, inputs: dict) -> dict[str, np.ndarray]:
+        if signature_name != RETRIEVAL_SIGNATURE:
+            return graph_run(model, signature_name, inputs)
+        key = (id(model), int(inputs[K_INPUT]) if K_INPUT in inputs else None)
+        if key not in answers:
+            answers[key] = graph_run(model, signature_name, inputs)
+        rows = len(next(v for name, v in inputs.items() if name != K_INPUT and np.ndim(v) >= 1))
+        return {name: np.repeat(value[:1], rows, axis=0) if np.ndim(value) else value
+                for name, value in answers[key].items()}
+
+    LoadedModel.run = cached_run
+
+
+def serve_canned_graph(serve_argv: list[str]) -> int:
+    """``pipelines.serve`` with the retrieval graph replaced by a cached answer: the front end alone.
+
+    Every other step is the model server's own (gRPC handler, decoding, validation, the batching
+    queue and thread, slicing, encoding, metrics); only ``serving_default``'s graph run is replaced
+    (:func:`use_cached_graph`). What this server reaches is the ceiling of the Python front end on this
+    machine: the gap between it and the harmonic bound is per-request work, which no change to the
+    graph or the batching can close.
+    """
+    from pipelines import serve
+
+    use_cached_graph()
+    return serve.main(serve_argv)
 
 
 def user_rows(users: dict, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -285,6 +336,8 @@ def run_load(target: str, model_name: str, users: dict, concurrency: int, durati
     """
     import asyncio
 
+    answered = 0      # every answered request, warm-up included (for CPU per request)
+
     async def drive() -> tuple[list[float], dict[str, int]]:
         latencies: list[float] = []
         errors: dict[str, int] = {}
@@ -293,6 +346,7 @@ def run_load(target: str, model_name: str, users: dict, concurrency: int, durati
         measure_from, stop_at = start + warmup, start + warmup + duration
 
         async def client(slot: int) -> None:
+            nonlocal answered
             rng = np.random.default_rng(slot)
             requests = [make_request(model_name, users, rng, k, objectives) for _ in range(64)]
             async with grpc.aio.insecure_channel(target) as channel:
@@ -302,6 +356,7 @@ def run_load(target: str, model_name: str, users: dict, concurrency: int, durati
                     t0 = time.perf_counter()
                     try:
                         await stub.Predict(requests[i % len(requests)], timeout=timeout)
+                        answered += 1
                         if now >= measure_from:
                             latencies.append(time.perf_counter() - t0)
                     except grpc.aio.AioRpcError as e:
@@ -315,7 +370,8 @@ def run_load(target: str, model_name: str, users: dict, concurrency: int, durati
     latencies, errors = asyncio.run(drive())
     ms = np.asarray(latencies) * 1e3
     n_err = sum(errors.values())
-    return {"concurrency": concurrency, "duration_s": duration, "requests": int(len(ms)), "errors": n_err,
+    return {"concurrency": concurrency, "duration_s": duration, "requests": int(len(ms)),
+            "requests_with_warmup": answered, "errors": n_err,
             "errors_by_code": errors, "qps": len(ms) / duration,
             "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
             "p90_ms": float(np.percentile(ms, 90)) if len(ms) else None,
@@ -350,6 +406,7 @@ def graph_ceiling(version_dir: Path, users: dict, batch: int, k: int, seconds: f
 
 
 FIXED = "fixed response (transport only)"
+FRONT_END = "front end only (graph replaced by a cached answer)"
 
 
 def served_recall(version_dir: Path, users: dict, k: int = 100, queries: int = 200) -> float:
@@ -385,18 +442,26 @@ def add_bound_shares(runs: list[dict], ceilings: list[dict], max_batch_size: int
     """Give every model run its harmonic bound ``1 / (1/G + 1/T)`` and ``share_of_bound`` (in place).
 
     ``G``: the in-process graph ceiling at :func:`ceiling_batch`; ``T``: the fixed-response server's QPS
-    at the same concurrency, measured in the same run. Runs without both ceilings get ``None``.
+    at the same concurrency, measured in the same run. Runs without both ceilings get ``None``. The
+    front end alone (:data:`FRONT_END`) has no graph to run: its row gets its share of ``T``, and each
+    model row the front end's QPS and its share of the model's bound (``front_end_share_of_bound``):
+    below 0.9 there, per-request work alone keeps the model server under the target.
     """
     graph = {c["batch"]: c["qps_ceiling"] for c in ceilings}
     transport = {r["concurrency"]: r["qps"] for r in runs if r["server"] == FIXED}
+    front_end = {r["concurrency"]: r["qps"] for r in runs if r["server"] == FRONT_END}
     for r in runs:
-        if r["server"] == FIXED:
+        t = transport.get(r["concurrency"])
+        if r["server"] == FRONT_END:
+            r.update(transport_qps=t, share_of_transport=r["qps"] / t if t else None)
+        if r["server"] in (FIXED, FRONT_END):
             continue
         g = graph.get(ceiling_batch(r["concurrency"], r["batching"], max_batch_size))
-        t = transport.get(r["concurrency"])
         bound = 1.0 / (1.0 / g + 1.0 / t) if g and t else None
+        f = front_end.get(r["concurrency"])
         r.update(graph_ceiling_qps=g, transport_qps=t, bound_qps=bound,
-                 share_of_bound=r["qps"] / bound if bound else None)
+                 share_of_bound=r["qps"] / bound if bound else None,
+                 front_end_qps=f, front_end_share_of_bound=f / bound if f and bound else None)
         served = graph_ceiling_at(ceilings, r.get("served_batch_mean"))
         served_bound = 1.0 / (1.0 / served + 1.0 / t) if served and t else None
         r.update(graph_ceiling_at_served_batch_qps=served, bound_at_served_batch_qps=served_bound,
@@ -459,16 +524,49 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid``, all its threads (``/proc``; None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (the load generator), all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_accounting(server_cpu: float | None, load_cpu: float, requests: int, wall_s: float) -> dict:
+    """CPU milliseconds per answered request of the server and of the load generator, and the share of
+    the machine's cores they kept busy together: on shared cores the QPS cannot exceed
+    ``cores / (server + load generator CPU per request)`` (``cpu_bound_qps``)."""
+    if server_cpu is None or not requests:
+        return {}
+    per_request = (server_cpu + load_cpu) / requests
+    return {"server_cpu_ms_per_request": 1e3 * server_cpu / requests,
+            "load_generator_cpu_ms_per_request": 1e3 * load_cpu / requests,
+            "cores_busy": (server_cpu + load_cpu) / wall_s, "cpu_bound_qps": (os.cpu_count() or 1) / per_request}
+
+
 def measure_level(args: argparse.Namespace, label: str, mode: str, proc: subprocess.Popen, ports: dict,
                   users: dict, objectives: int, concurrency: int, profiles: dict | None, workdir: Path) -> dict:
-    """One load level against one server; for the model server also :func:`server_breakdown`, and with
-    ``--profile`` (when ``profiles`` is given) a py-spy profile at the highest concurrency."""
+    """One load level against one server, with the CPU both sides spent (:func:`cpu_accounting`); for
+    the servers with metrics also :func:`server_breakdown`, and with ``--profile`` (when ``profiles``
+    is given) a py-spy profile of the model server at the highest concurrency."""
     spy = None
-    if profiles is not None and args.profile and label != FIXED and concurrency == max(args.concurrency):
+    if (profiles is not None and args.profile and label not in (FIXED, FRONT_END)
+            and concurrency == max(args.concurrency)):
         spy = start_profile(proc.pid, args.warmup + args.duration, workdir / f"profile-{mode}.txt")
     before = histogram_totals(ports.get("rest_port")) if label != FIXED else None
+    server_cpu, load_cpu, started = process_cpu_seconds(proc.pid), own_cpu_seconds(), time.perf_counter()
     r = run_load(f"127.0.0.1:{ports['grpc_port']}", args.model_name, users, concurrency, args.duration, args.warmup,
                  args.k, args.timeout, objectives)
+    server_after = process_cpu_seconds(proc.pid)
+    r.update(cpu_accounting(None if server_cpu is None or server_after is None else server_after - server_cpu,
+                            own_cpu_seconds() - load_cpu, r["requests_with_warmup"], time.perf_counter() - started))
     if label != FIXED:
         r.update(server_breakdown(before, histogram_totals(ports.get("rest_port"))))
         if r["server_ms"] is not None and r["mean_ms"] is not None:
@@ -536,6 +634,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--ceiling_seconds", type=float, default=5.0, help="in-process graph ceiling: seconds per batch size")
     p.add_argument("--rounds", type=int, default=3,
                    help="measure every (server, concurrency) this many times, alternating the servers; report medians")
     p.add_argument("--k", type=int, default=10)
@@ -546,6 +645,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_timeout_micros", type=int, default=2000)
     p.add_argument("--transport_baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also load a fixed-response gRPC server (no model) at the same concurrencies")
+    p.add_argument("--front_end_baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also load the model server with its graph replaced by a cached answer (the front end "
+                        "alone, see serve_canned_graph) at the same concurrencies")
     p.add_argument("--profile", action="store_true",
                    help="sample the model server with py-spy during the highest concurrency level")
     p.add_argument("--fixed_response_server", action="store_true", help=argparse.SUPPRESS)
@@ -577,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"served index recall@100 against exact search on this export: {recall:.4f}", flush=True)
             batches = {ceiling_batch(c, mode, args.max_batch_size) for c in args.concurrency for mode in args.batching}
             for batch in sorted(batches | {args.max_batch_size}):
-                ceilings.append(graph_ceiling(exported, users, batch, args.k))
+                ceilings.append(graph_ceiling(exported, users, batch, args.k, args.ceiling_seconds))
                 print(f"served graph in-process, batch {batch:>3}: {ceilings[-1]['ms_per_query']:.3f} ms/query "
                       f"(ceiling {ceilings[-1]['qps_ceiling']:,.0f} QPS)", flush=True)
         rounds: list[list[dict]] = []
@@ -585,6 +687,10 @@ def main(argv: list[str] | None = None) -> dict:
         profiles: dict[str, dict] = {}
         servers = [(f"model (batching {mode})", mode, lambda mode=mode: start_server(model_dir, args, workdir, mode == "on"))
                    for mode in args.batching]
+        if args.front_end_baseline:
+            mode = args.batching[0]
+            servers.append((FRONT_END, mode, lambda: start_server(model_dir, args, workdir, mode == "on",
+                                                                  canned_graph=True)))
         if args.transport_baseline:
             servers.append((FIXED, "n/a", lambda: start_fixed_response_server(args, workdir)))
         started: list[tuple[str, str, subprocess.Popen, dict]] = []
@@ -621,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
                "runs": runs, "round_runs": [r for round_runs in rounds for r in round_runs],
                "profile": profiles}
     top = max(args.concurrency)
-    at_top = [r for r in runs if r["server"] != FIXED and r["concurrency"] == top]
+    at_top = [r for r in runs if r["server"] not in (FIXED, FRONT_END) and r["concurrency"] == top]
     results["target"] = {"concurrency": top, "min_share_of_bound": 0.9,
                          "met": bool(at_top) and all((r["share_of_bound"] or 0) >= 0.9 and r["errors"] == 0
                                                      for r in at_top)}
@@ -641,9 +747,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| concurrency | client mean | in the server | batch queue wait | graph run | outside the server |")
     print("|---|---|---|---|---|---|")
     for r in runs:
-        if r["server"] != FIXED:
+        if r["server"] not in (FIXED, FRONT_END):
             print(f"| {r['concurrency']} | {_ms(r['mean_ms'])} | {_ms(r.get('server_ms'))} | "
                   f"{_ms(r.get('queue_wait_ms'))} | {_ms(r.get('graph_run_ms'))} | {_ms(r.get('outside_server_ms'))} |")
+    print("\nCPU per answered request (ms) and the cores kept busy: on shared cores QPS <= cores / (server + load "
+          "generator CPU per request)")
+    print("\n| server | concurrency | QPS | server CPU | load generator CPU | cores busy | CPU-bound QPS "
+          "| front end QPS | front end share of bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['server']} | {r['concurrency']} | {r['qps']:.1f} "
+              f"| {fmt(r.get('server_cpu_ms_per_request'), '.3f')} | {fmt(r.get('load_generator_cpu_ms_per_request'), '.3f')} | {fmt(r.get('cores_busy'), '.2f')} "
+              f"| {fmt(r.get('cpu_bound_qps'))} | {fmt(r.get('front_end_qps'))} "
+              f"| {fmt(r.get('front_end_share_of_bound'), '.2f')} |")
     print(f"target (share of bound >= 0.9 at concurrency {top}, no errors): "
           f"{'met' if results['target']['met'] else 'NOT met'}")
     for label, prof in profiles.items():
@@ -656,4 +772,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [CANNED_GRAPH_FLAG]:
+        sys.exit(serve_canned_graph(sys.argv[2:]))
     main()

@@ -149,11 +149,13 @@ class RetrievalBatcher:
         k = int(inputs.pop(K_INPUT)) if K_INPUT in inputs else None
         if WEIGHTS_INPUT in inputs:
             w = np.asarray(inputs[WEIGHTS_INPUT], np.float32)
-            s = w.shape[-1]
-            inputs[WEIGHTS_INPUT] = np.broadcast_to(w.reshape(-1, s), (rows, s))
+            w = w.reshape(-1, w.shape[-1])
+            inputs[WEIGHTS_INPUT] = w if w.shape[0] == rows else np.broadcast_to(w, (rows, w.shape[1]))
+        # The validated inputs come in the signature's order, so equal layouts give equal keys.
         key_parts = []
-        for name, value in sorted(inputs.items()):
-            spec = self._sig.inputs.get(name)
+        specs = self._sig.inputs
+        for name, value in inputs.items():
+            spec = specs.get(name)
             if name == WEIGHTS_INPUT or (spec is not None and spec.batched):
                 key_parts.append((name, value.dtype.str, value.shape[1:]))
             else:

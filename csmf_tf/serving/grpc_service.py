@@ -25,7 +25,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 
 from csmf_tf.serving.core import PredictionCore
 from csmf_tf.serving.errors import ServingError, invalid
-from csmf_tf.serving.grpc_codec import decode_inputs, numpy_to_tensor_proto
+from csmf_tf.serving.grpc_codec import decode_inputs, fill_tensor_proto
 from csmf_tf.serving.monitoring import ServingMetrics
 from csmf_tf.serving.signatures import SignatureInfo
 
@@ -149,8 +149,9 @@ class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServic
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = result.version
         response.model_spec.signature_name = result.signature_name
+        outputs = response.outputs
         for name, value in result.outputs.items():
-            response.outputs[name].CopyFrom(numpy_to_tensor_proto(value))
+            fill_tensor_proto(outputs[name], value)
         return response
 
     @rpc_method

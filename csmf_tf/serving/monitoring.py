@@ -155,6 +155,7 @@ class ServingMetrics:
                                               "Model config file reloads refused (the previous config keeps serving)",
                                               registry=r)
         self._models: ServedModels | None = None
+        self._request_children: dict[tuple, tuple] = {}
 
     def watch(self, models: "ServedModels") -> None:
         """Report ``models``' loaded versions and queue depths, and use their names as the ``model`` label."""
@@ -166,8 +167,14 @@ class ServingMetrics:
         """Count one answered request and its latency (label rules in the module docstring)."""
         if self._models is None or not self._models.configured(model):
             model = ""
-        self.requests.labels(model, "" if version is None else str(version), signature, api, method, code).inc()
-        self.request_latency.labels(model, api, method).observe(seconds)
+        key = (model, version, signature, api, method, code)
+        children = self._request_children.get(key)
+        if children is None:   # labels() validates and locks on every call: look each label set up once
+            children = self._request_children[key] = (
+                self.requests.labels(model, "" if version is None else str(version), signature, api, method, code),
+                self.request_latency.labels(model, api, method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batching(self, model: str, version: int) -> "BatchMetrics":
         """What the batching queue of ``model``'s ``version`` reports into (its labelled histograms)."""

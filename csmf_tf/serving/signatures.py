@@ -23,10 +23,17 @@ class TensorSpecInfo:
     # Looked up once: tf.DType comparisons and conversions cost microseconds on every request.
     numpy_dtype: np.dtype = dataclasses.field(init=False, repr=False, compare=False)
     dtype_enum: int = dataclasses.field(init=False, repr=False, compare=False)
+    #: True when dimension 0 is the (variable) batch dimension.
+    batched: bool = dataclasses.field(init=False, repr=False, compare=False)
+    #: ``(axis, size)`` of every dimension of known size: what a value's shape must match.
+    fixed_dims: tuple[tuple[int, int], ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "numpy_dtype", numpy_dtype(self.dtype))
         object.__setattr__(self, "dtype_enum", self.dtype.as_datatype_enum)
+        object.__setattr__(self, "batched", self.shape is not None and len(self.shape) >= 1 and self.shape[0] is None)
+        object.__setattr__(self, "fixed_dims", () if self.shape is None else
+                           tuple((axis, d) for axis, d in enumerate(self.shape) if d is not None))
 
     @staticmethod
     def from_proto(name: str, info: meta_graph_pb2.TensorInfo) -> "TensorSpecInfo":
@@ -35,10 +42,11 @@ class TensorSpecInfo:
             None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
         return TensorSpecInfo(name, tf.as_dtype(info.dtype), shape)
 
-    @property
-    def batched(self) -> bool:
-        """True when dimension 0 is the (variable) batch dimension."""
-        return self.shape is not None and len(self.shape) >= 1 and self.shape[0] is None
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of ``shape`` has this spec's rank and known dimension sizes."""
+        if self.shape is None:
+            return True
+        return len(shape) == len(self.shape) and all(shape[axis] == d for axis, d in self.fixed_dims)
 
     def describe(self) -> str:
         """``float32 [?, 3]`` style description for error messages."""
@@ -56,6 +64,11 @@ class SignatureInfo:
     inputs: dict[str, TensorSpecInfo]
     outputs: dict[str, TensorSpecInfo]
     defaults: dict[str, np.ndarray]
+    #: Inputs a request must carry (the others have SignatureDef defaults), sorted.
+    required: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "required", tuple(sorted(k for k in self.inputs if k not in self.defaults)))
 
     @staticmethod
     def from_proto(name: str, sig: meta_graph_pb2.SignatureDef) -> "SignatureInfo":
@@ -69,7 +82,7 @@ class SignatureInfo:
 
     def required_inputs(self) -> list[str]:
         """Inputs a request must carry (the others have SignatureDef defaults)."""
-        return sorted(k for k in self.inputs if k not in self.defaults)
+        return list(self.required)
 
 
 def numpy_dtype(dtype: tf.DType) -> np.dtype:

@@ -59,11 +59,10 @@ def validate_request(sig: SignatureInfo, inputs: Mapping[str, np.ndarray], max_b
 
 def _check_signature(sig: SignatureInfo, inputs: Mapping[str, np.ndarray]
                      ) -> tuple[dict[str, np.ndarray], int | None]:
-    unknown = sorted(set(inputs) - set(sig.inputs))
-    if unknown:
-        raise invalid(f"input(s) {unknown} not in signature {sig.name!r}; expected "
-                      f"{sorted(sig.inputs)}")
-    missing = [k for k in sig.required_inputs() if k not in inputs]
+    if not inputs.keys() <= sig.inputs.keys():
+        raise invalid(f"input(s) {sorted(set(inputs) - set(sig.inputs))} not in signature {sig.name!r}; "
+                      f"expected {sorted(sig.inputs)}")
+    missing = [k for k in sig.required if k not in inputs]
     if missing:
         raise invalid(f"missing input(s) {missing} for signature {sig.name!r} (required: "
                       f"{sig.required_inputs()}, optional: {sorted(sig.defaults)})")
@@ -71,21 +70,19 @@ def _check_signature(sig: SignatureInfo, inputs: Mapping[str, np.ndarray]
     batch: int | None = None
     batch_of: str | None = None
     for name, spec in sig.inputs.items():
-        if name not in inputs:
+        value = inputs.get(name)
+        if value is None:
             out[name] = sig.defaults[name]
             continue
-        value = np.asarray(inputs[name])
+        value = np.asarray(value)
         want = spec.numpy_dtype
         if want == object:
             if value.dtype != object and value.dtype.kind not in ("S", "U"):
                 raise invalid(f"input {name!r}: expects dtype string but got {value.dtype}")
         elif value.dtype != want:
             raise invalid(f"input {name!r}: expects dtype {spec.dtype.name} but got {value.dtype}")
-        if spec.shape is not None:
-            if value.ndim != len(spec.shape) or any(
-                    d is not None and d != got for d, got in zip(spec.shape, value.shape)):
-                raise invalid(f"input {name!r}: expects shape {spec.describe()} but got "
-                              f"{list(value.shape)}")
+        if not spec.matches(value.shape):
+            raise invalid(f"input {name!r}: expects shape {spec.describe()} but got {list(value.shape)}")
         if spec.batched:
             if batch is None:
                 batch, batch_of = value.shape[0], name
@@ -107,8 +104,9 @@ def _check_retrieval(inputs: Mapping[str, np.ndarray], rows: int | None, info: M
         k = np.asarray(inputs[K_INPUT])
         if k.ndim != 0:
             raise invalid(f"{K_INPUT} must be a scalar, got shape {list(k.shape)}")
-        if int(k) < 1 or (k_max is not None and int(k) > k_max):
-            raise invalid(f"k must be in [1, k_max={k_max}]; got {int(k)}")
+        k = int(k)
+        if k < 1 or (k_max is not None and k > k_max):
+            raise invalid(f"k must be in [1, k_max={k_max}]; got {k}")
     if WEIGHTS_INPUT in inputs:
         w = np.asarray(inputs[WEIGHTS_INPUT], np.float32)
         if w.ndim not in (1, 2) or (s is not None and w.shape[-1] != s):
@@ -116,5 +114,5 @@ def _check_retrieval(inputs: Mapping[str, np.ndarray], rows: int | None, info: M
         if w.ndim == 2 and rows is not None and w.shape[0] not in (1, rows):
             raise invalid(f"{WEIGHTS_INPUT} must have 1 row or one row per query (batch size "
                           f"{rows}), got {w.shape[0]}")
-        if not np.all(np.isfinite(w)):
+        if not np.isfinite(w).all():
             raise invalid(f"{WEIGHTS_INPUT} must be finite, got {w.tolist()}")
