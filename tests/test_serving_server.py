@@ -515,6 +515,55 @@ def test_a_batch_closes_when_its_last_waiting_request_arrives_not_at_the_timeout
     assert batcher.max_rows_seen >= 2
 
 
+def test_batch_timeout_runs_from_the_first_request_arrival():
+    """Requests that queued behind a running batch for longer than the batch timeout go as soon as the
+    batching thread is free (TF Serving's rule), even while another request is still in flight: the
+    old rule (timeout counted from when the thread took the first one) idled the graph for the whole
+    timeout after every busy batch."""
+    sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
+                        {"x": TensorSpecInfo("x", tf.float32, (None,))},
+                        {"y": TensorSpecInfo("y", tf.float32, (None,))}, {})
+    inline_gate, batch_gate = threading.Event(), threading.Event()
+    started: list[tuple[float, int]] = []
+
+    def run(inputs):
+        started.append((time.monotonic(), len(inputs["x"])))
+        if inputs["x"][0] == 100:
+            inline_gate.wait(10)              # in flight the whole time, never in the queue
+        elif inputs["x"][0] == 200:
+            batch_gate.wait(10)               # keeps the batching thread busy while others queue
+        return {"y": inputs["x"]}
+
+    timeout_s = 1.0
+    batcher = RetrievalBatcher(run, sig, BatchingOptions(max_batch_size=16, batch_timeout_s=timeout_s))
+
+    def go(x: float) -> threading.Thread:
+        t = threading.Thread(target=batcher.submit, args=({"x": np.array([x], np.float32)}, 1,
+                                                          time.monotonic() + 30))
+        t.start()
+        return t
+
+    try:
+        threads = [go(100.0)]                 # idle batcher: runs inline in its caller and stays there
+        assert _wait_for(lambda: len(started) == 1, timeout=10)
+        threads.append(go(200.0))             # queued; after its own timeout it runs and holds the thread
+        assert _wait_for(lambda: len(started) == 2, timeout=10)
+        threads += [go(1.0), go(2.0)]         # queue up behind it ...
+        time.sleep(timeout_s + 0.2)           # ... for longer than the batch timeout
+        released = time.monotonic()
+        batch_gate.set()
+        assert _wait_for(lambda: len(started) == 3, timeout=10)
+        # Both queued requests in one run, at once: not another second of waiting for company while
+        # the in-flight inline request (which never queues) keeps the active count above the batch.
+        assert started[2][1] == 2 and started[2][0] - released < 0.5 * timeout_s, (started, released)
+    finally:
+        inline_gate.set()
+        batch_gate.set()
+        for t in threads:
+            t.join(10)
+        batcher.stop()
+
+
 def test_lone_request_does_not_wait_for_the_batch_timeout():
     sig = SignatureInfo("serving_default", "tensorflow/serving/predict",
                         {"x": TensorSpecInfo("x", tf.float32, (None,))},

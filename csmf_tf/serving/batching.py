@@ -250,7 +250,9 @@ class RetrievalBatcher:
                     pending.remove(t)
                     batch.append(t)
                     rows += t.rows
-            close_at = time.monotonic() + self._options.batch_timeout_s
+            # As in TF Serving, the timeout runs from the first request's arrival, not from when this
+            # thread got to it: requests that queued behind a running batch go at once.
+            close_at = (first.queued_at or time.monotonic()) + self._options.batch_timeout_s
             while rows < limit:
                 if self._queue.empty() and self._active <= len(batch) + len(pending):
                     # Every waiting request is already in this batch (or set aside): waiting could
