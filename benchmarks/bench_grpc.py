@@ -490,6 +490,16 @@ def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | Non
                             stdout=subprocess.DEVNULL, stderr=out.with_suffix(".err").open("w"))
 
 
+def _finish_profile(spy: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """py-spy's exit code once it has written its profile; a py-spy that hangs past its duration (seen
+    with 0.4.0 on this machine) is killed, so a stuck profiler costs the profile, not the benchmark."""
+    try:
+        return spy.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        return spy.wait()
+
+
 def summarise_profile(raw: Path, top: int = 20) -> dict:
     """Share of the server's samples per function: ``self`` (the frame on top of the stack) and
     ``inclusive`` (anywhere on it) and per thread, the ``top`` of each. py-spy samples running threads
@@ -570,7 +580,7 @@ def measure_level(args: argparse.Namespace, label: str, mode: str, proc: subproc
     server_after = process_cpu_seconds(proc.pid)
     r.update(cpu_accounting(None if server_cpu is None or server_after is None else server_after - server_cpu,
                             own_cpu_seconds() - load_cpu, r["requests_with_warmup"], time.perf_counter() - started))
-    code = spy.wait(timeout=60) if spy is not None else None
+    code = _finish_profile(spy) if spy is not None else None
     if label != FIXED:
         r.update(server_breakdown(before, histogram_totals(ports.get("rest_port"))))
         if r["server_ms"] is not None and r["mean_ms"] is not None:
