@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="cProfile the loop's functions (tottime) into the JSON")
     p.add_argument("--out", default="results/bench_handler.json")
+    # bench_grpc's export settings that this script does not vary: the export's default index.
+    p.set_defaults(brute_force=False, scann_num_leaves=None, scann_leaves_fraction=None, scann_reorder=None)
     args = p.parse_args(argv)
-    for name, default in (("brute_force", False), ("scann_num_leaves", None), ("scann_leaves_fraction", None),
-                          ("scann_reorder", None)):
-        setattr(args, name, default)                # bench_grpc's export settings: its default index
 
     with tempfile.TemporaryDirectory(prefix="bench_handler_") as tmp:
         base = Path(args.export_dir) if args.export_dir else Path(tmp) / "models"
